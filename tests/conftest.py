@@ -23,3 +23,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_bundle(tmp_path_factory):
+    """A tiny BERT and its CPU bundle with two buckets, built once for the tests that only read it."""
+    import kernl
+    from tests.models import tiny_bert
+
+    model = tiny_bert()
+    path = kernl.compile(model, tmp_path_factory.mktemp("bundles") / "bert", buckets=[(2, 16), (4, 32)], device="cpu")
+    return model, path

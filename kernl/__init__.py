@@ -1,0 +1,49 @@
+"""kernl: Hugging Face transformers compiled onto Triton kernels, shipped as bundles replayed through CUDA graphs.
+
+Importing kernl is cheap: the compiler (and with it transformers) loads only when kernl.compile is called.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kernl.errors import BundleError, InputError, KernlError
+
+if TYPE_CHECKING:
+    import torch
+
+    from kernl.runtime.bundle import Bundle
+
+__version__ = "0.1.0"
+__all__ = ["BundleError", "InputError", "KernlError", "compile", "load"]
+
+
+def compile(
+    model: torch.nn.Module,
+    output_dir: str | os.PathLike,
+    *,
+    buckets: list[tuple[int, int]],
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    example_inputs: dict[str, torch.Tensor] | None = None,
+    **options,
+) -> Path:
+    """Export model for the (batch, seq_len) buckets, rewrite it onto kernl's kernels, and write a bundle.
+
+    options: tokenizer (saved into the bundle), overwrite (replace an existing output_dir), progress.
+    """
+    from kernl.compiler import compile_model
+
+    return compile_model(
+        model, output_dir, buckets=buckets, dtype=dtype, device=device, example_inputs=example_inputs, **options
+    )
+
+
+def load(path: str | os.PathLike, device: str | torch.device | None = None, **options) -> Bundle:
+    """Load a bundle; the result is called with the model's keyword inputs. options: verify."""
+    from kernl.runtime import load as _load
+
+    return _load(path, device=device, **options)
+

@@ -1,0 +1,35 @@
+"""Read and verify a bundle's manifest and files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from kernl.artifacts.hashing import sha256_file
+from kernl.artifacts.manifest import MANIFEST, validate
+from kernl.errors import BundleError
+
+
+def read_manifest(bundle_dir: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """The validated manifest; with verify, every listed file's size and sha256 are checked too."""
+    root = Path(bundle_dir)
+    if not root.is_dir():
+        raise BundleError(f"{root}: no such bundle directory")
+    path = root / MANIFEST
+    try:
+        manifest = validate(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing; not a complete kernl bundle") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{path}: not valid JSON ({err})") from None
+    for rel, entry in manifest["files"].items():
+        file = root / rel
+        if not file.is_file():
+            raise BundleError(f"{file}: listed in the manifest but missing")
+        if file.stat().st_size != entry.get("size"):
+            raise BundleError(f"{file}: size {file.stat().st_size} bytes, the manifest says {entry.get('size')}")
+        if verify and sha256_file(file) != entry.get("sha256"):
+            raise BundleError(f"{file}: sha256 does not match the manifest (corrupt or edited)")
+    return manifest

@@ -1,0 +1,71 @@
+"""aten.layer_norm → kernl.layer_norm; an add feeding it → kernl.add_layer_norm, which returns the sum too."""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+
+import torch
+import torch.fx
+
+import kernl.kernels  # noqa: F401 - registers torch.ops.kernl
+from kernl.compiler.passes._fx import FLOAT_DTYPES, arg, fake, replace_with_call
+from kernl.kernels.layer_norm import MAX_HIDDEN
+
+aten = torch.ops.aten
+
+
+def _fusable_add(node: torch.fx.Node, out: torch.Tensor) -> bool:
+    """A plain elementwise add of two same-shape, same-dtype tensors (no broadcast, no alpha)."""
+    if not isinstance(node, torch.fx.Node) or node.target is not aten.add.Tensor or node.kwargs.get("alpha", 1) != 1:
+        return False
+    a, b = (fake(x) for x in node.args[:2])
+    return a is not None and b is not None and a.shape == b.shape == out.shape and a.dtype == b.dtype == out.dtype
+
+
+def _defined_before(node: torch.fx.Node, args) -> bool:
+    """Every node in args is a graph input or comes before node, so a call after node may read it."""
+    earlier = set()
+    for n in node.graph.nodes:
+        if n is node:
+            break
+        earlier.add(n)
+    return all(not isinstance(a, torch.fx.Node) or a in earlier for a in args)
+
+
+def fuse_layer_norm(graph: torch.fx.Graph) -> Counter:
+    report: Counter[str] = Counter()
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.layer_norm.default:
+            continue
+        x, shape = node.args[0], arg(node, 1, "normalized_shape")
+        weight, bias, eps = arg(node, 2, "weight"), arg(node, 3, "bias"), arg(node, 4, "eps", 1e-5)
+        xv = fake(x)
+        # The kernel normalises over the last dim only, in a float dtype, up to its register budget.
+        if xv is None or len(shape) != 1 or xv.dtype not in FLOAT_DTYPES:
+            continue
+        hidden = xv.shape[-1]
+        if not isinstance(hidden, int) or not 1 <= hidden <= MAX_HIDDEN:
+            continue
+        if _fusable_add(x, xv) and _defined_before(x, (weight, bias)):
+            # Placed right after the add: its other users (the residual stream) may come before the norm.
+            with graph.inserting_after(x):
+                fused = graph.call_function(torch.ops.kernl.add_layer_norm.default, (*x.args[:2], weight, bias, eps))
+            fused.meta.update(node.meta)
+            fused.meta["val"] = (node.meta["val"], x.meta["val"])
+            with graph.inserting_after(fused):
+                normed = graph.call_function(operator.getitem, (fused, 0))
+                total = graph.call_function(operator.getitem, (fused, 1))
+            normed.meta.update(node.meta)
+            total.meta.update(x.meta)
+            node.replace_all_uses_with(normed)
+            x.replace_all_uses_with(total)  # the residual stream, where a pre-norm block reads it again
+            graph.erase_node(node)
+            graph.erase_node(x)
+            report["add_layer_norm"] += 1
+        else:
+            new = replace_with_call(graph, node, torch.ops.kernl.layer_norm.default, (x, weight, bias, eps))
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            report["layer_norm"] += 1
+    return report

@@ -1,0 +1,41 @@
+"""kernl.load: verify a bundle, load its weights onto the device, and bind its program."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from kernl.artifacts.reader import read_manifest
+from kernl.artifacts.weights import load_weights
+from kernl.errors import BundleError
+from kernl.runtime.bundle import Bundle
+from kernl.runtime.compat import resolve_device
+
+
+def _bind_program(path: Path):
+    namespace: dict = {"__name__": "kernl_program", "__file__": str(path)}
+    try:
+        exec(compile(path.read_text(), str(path), "exec"), namespace)
+    except SyntaxError as err:
+        raise BundleError(f"{path}: not a valid program ({err.msg}, line {err.lineno})") from None
+    if not callable(namespace.get("forward")):
+        raise BundleError(f"{path}: defines no forward()")
+    return namespace["forward"]
+
+
+def load(path: str | os.PathLike, device: str | torch.device | None = None, *, verify: bool = True) -> Bundle:
+    """Load the bundle at path onto device (default: its target's kind when this machine has it)."""
+    root = Path(path)
+    manifest = read_manifest(root, verify=verify)
+    device = resolve_device(manifest, device)
+    try:
+        tensors = load_weights(root / manifest["weights"]["file"], manifest["weights"]["aliases"], device)
+        weights = [tensors[name] for name in manifest["program"]["weights"]]
+    except KeyError as err:
+        raise BundleError(f"{manifest['weights']['file']}: no tensor {err} that the program needs") from None
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types on corrupt files
+        raise BundleError(f"{manifest['weights']['file']}: unreadable ({err})") from None
+    forward = _bind_program(root / manifest["program"]["file"])
+    return Bundle(manifest, forward, weights, device)
