@@ -46,4 +46,3 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, **op
     from kernl.runtime import load as _load
 
     return _load(path, device=device, **options)
-

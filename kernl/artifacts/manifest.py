@@ -46,7 +46,9 @@ def validate(manifest: Any) -> dict[str, Any]:
         raise BundleError(f"{MANIFEST}: expected a JSON object")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise BundleError(f"{MANIFEST}: format version {version!r} is not supported (this kernl reads {FORMAT_VERSION})")
+        raise BundleError(
+            f"{MANIFEST}: format version {version!r} is not supported (this kernl reads {FORMAT_VERSION})"
+        )
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise BundleError(f"{MANIFEST}: missing keys {', '.join(missing)}")

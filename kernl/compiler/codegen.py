@@ -70,7 +70,12 @@ def program_source(gm: torch.fx.GraphModule, *, model_name: str, version: str, o
     code = gm.graph.python_code("self")
     body = code.src.replace("def forward(self, ", "def forward(", 1)
     # One parameter a line: the signature lists every weight.
-    body = re.sub(r"def forward\((.*?)\):", lambda m: "def forward(\n    " + m.group(1).replace(", ", ",\n    ") + ",\n):", body, count=1)
+    body = re.sub(
+        r"def forward\((.*?)\):",
+        lambda m: "def forward(\n    " + m.group(1).replace(", ", ",\n    ") + ",\n):",
+        body,
+        count=1,
+    )
     lines = []
     kernl_nodes = {n.name: n for n in gm.graph.nodes if str(n.target).startswith("kernl.")}
     for line in body.splitlines():
@@ -83,8 +88,6 @@ def program_source(gm: torch.fx.GraphModule, *, model_name: str, version: str, o
         for name, value in code.globals.items()
         if name not in local_names and re.search(rf"(?<![\w.]){name}\b(?!\s*=[^=])", body)
     }
-    header = HEADER.format(
-        model=model_name, version=version, outputs=", ".join(outputs), report=report or "none"
-    )
+    header = HEADER.format(model=model_name, version=version, outputs=", ".join(outputs), report=report or "none")
     extra = "".join(_global_line(name, value) + "\n" for name, value in sorted(used.items()))
     return header + (extra + "\n" if extra else "") + "\n".join(lines).strip("\n") + "\n"

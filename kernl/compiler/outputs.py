@@ -49,6 +49,6 @@ def output_layout(ep: ExportedProgram, example: dict[str, torch.Tensor], *, stat
         dims = [roles.get(str(d), int(d) if str(d).isdigit() else str(d)) for d in val.shape]
         if static:  # sizes are plain ints: the leading dims that match the example's are batch and seq
             batch, seq = next(iter(example.values())).shape
-            dims = [r if not (i, r) in ((0, batch), (1, seq)) else ("batch", "seq")[i] for i, r in enumerate(dims)]
+            dims = [r if (i, r) not in ((0, batch), (1, seq)) else ("batch", "seq")[i] for i, r in enumerate(dims)]
         layout.append(dims)
     return layout
