@@ -34,9 +34,9 @@ def _check_buckets(buckets: Sequence) -> list[tuple[int, int]]:
     return sorted(set(out))
 
 
-def _weights(ep) -> tuple[list[str], dict[str, torch.Tensor]]:
+def _weights(ep) -> dict[str, torch.Tensor]:
     """Program inputs that are parameters, buffers or constants, by placeholder name."""
-    names, tensors = [], {}
+    tensors = {}
     for spec in ep.graph_signature.input_specs:
         if spec.kind == InputKind.USER_INPUT:
             continue
@@ -44,9 +44,8 @@ def _weights(ep) -> tuple[list[str], dict[str, torch.Tensor]]:
         value = source.get(spec.target)
         if not isinstance(value, torch.Tensor):
             raise KernlError(f"{spec.target}: a non-tensor constant in the exported program is not supported")
-        names.append(spec.arg.name)
         tensors[spec.arg.name] = value
-    return names, tensors
+    return tensors
 
 
 def compile_model(
@@ -104,11 +103,12 @@ def compile_model(
 
     timed("rewrite")
     gm = ep.graph_module
-    report = run_passes(gm)
+    weights = _weights(ep)
+    user_inputs = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    report = run_passes(gm, weights)
     bind_device(gm.graph)
     gm.recompile()
-    weight_names, weights = _weights(ep)
-    user_inputs = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    weight_names = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name in weights]
     from kernl import __version__
 
     source = program_source(gm, model_name=type(model).__name__, version=__version__, outputs=names, report=report)

@@ -10,6 +10,7 @@ import torch.fx
 
 import kernl.kernels  # noqa: F401 - registers torch.ops.kernl
 from kernl.compiler.passes._fx import FLOAT_DTYPES, arg, fake, replace_with_call
+from kernl.compiler.passes.context import PassContext
 from kernl.kernels.layer_norm import MAX_HIDDEN
 
 aten = torch.ops.aten
@@ -33,7 +34,8 @@ def _defined_before(node: torch.fx.Node, args) -> bool:
     return all(not isinstance(a, torch.fx.Node) or a in earlier for a in args)
 
 
-def fuse_layer_norm(graph: torch.fx.Graph) -> Counter:
+def fuse_layer_norm(ctx: PassContext) -> Counter:
+    graph = ctx.graph
     report: Counter[str] = Counter()
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not aten.layer_norm.default:

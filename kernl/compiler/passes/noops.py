@@ -8,11 +8,13 @@ import torch
 import torch.fx
 
 from kernl.compiler.passes._fx import arg
+from kernl.compiler.passes.context import PassContext
 
 aten = torch.ops.aten
 
 
-def remove_inference_noops(graph: torch.fx.Graph) -> Counter:
+def remove_inference_noops(ctx: PassContext) -> Counter:
+    graph = ctx.graph
     report: Counter[str] = Counter()
     for node in list(graph.nodes):
         if node.op != "call_function":
