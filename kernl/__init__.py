@@ -42,7 +42,7 @@ def compile(
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, **options) -> Bundle:
-    """Load a bundle; the result is called with the model's keyword inputs. options: verify."""
+    """Load a bundle; the result is called with the model's keyword inputs. options: verify, cuda_graphs."""
     from kernl.runtime import load as _load
 
     return _load(path, device=device, **options)

@@ -25,8 +25,17 @@ def _bind_program(path: Path):
     return namespace["forward"]
 
 
-def load(path: str | os.PathLike, device: str | torch.device | None = None, *, verify: bool = True) -> Bundle:
-    """Load the bundle at path onto device (default: its target's kind when this machine has it)."""
+def load(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    *,
+    verify: bool = True,
+    cuda_graphs: bool = True,
+) -> Bundle:
+    """Load the bundle at path onto device (default: its target's kind when this machine has it).
+
+    verify checks every file's sha256; on CUDA, cuda_graphs captures one graph per bucket at load.
+    """
     root = Path(path)
     manifest = read_manifest(root, verify=verify)
     device = resolve_device(manifest, device)
@@ -38,4 +47,4 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, *, v
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types on corrupt files
         raise BundleError(f"{manifest['weights']['file']}: unreadable ({err})") from None
     forward = _bind_program(root / manifest["program"]["file"])
-    return Bundle(manifest, forward, weights, device)
+    return Bundle(manifest, forward, weights, device, cuda_graphs=cuda_graphs)

@@ -1,0 +1,55 @@
+"""One CUDA graph per bucket, captured largest first into one shared memory pool."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+class BucketGraphs:
+    """Static input buffers, captured graph and static outputs for each bucket.
+
+    All graphs share one pool: intermediates of a graph are free again once its capture ends, so the
+    next (smaller) bucket reuses that memory and N buckets cost about as much as the largest one.
+    Replays must not overlap; the caller serialises them.
+    """
+
+    def __init__(
+        self,
+        forward: Callable,
+        weights: Sequence[torch.Tensor],
+        inputs: Sequence[tuple[str, torch.dtype]],
+        buckets: Sequence[tuple[int, int]],
+        device: torch.device,
+    ) -> None:
+        self.pool = torch.cuda.graph_pool_handle()
+        self.entries: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple]] = {}
+        with torch.no_grad(), torch.cuda.device(device):
+            for bucket in sorted(buckets, key=lambda b: b[0] * b[1], reverse=True):
+                static = [self._initial(name, dtype, bucket, device) for name, dtype in inputs]
+                # Run once outside capture: kernels load (or compile) and lazy CUDA state is set up.
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    forward(device, *weights, *static)
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    outputs = forward(device, *weights, *static)
+                self.entries[bucket] = (graph, static, tuple(outputs))
+        torch.cuda.synchronize(device)
+
+    @staticmethod
+    def _initial(name: str, dtype: torch.dtype, bucket: tuple[int, int], device: torch.device) -> torch.Tensor:
+        # A visible mask and token 0: the capture runs the same kernels as any real call.
+        fill = 1 if name == "attention_mask" else 0
+        return torch.full(bucket, fill, dtype=dtype, device=device)
+
+    def static_inputs(self, bucket: tuple[int, int]) -> list[torch.Tensor]:
+        return self.entries[bucket][1]
+
+    def replay(self, bucket: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        graph, _, outputs = self.entries[bucket]
+        graph.replay()
+        return outputs

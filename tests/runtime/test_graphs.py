@@ -1,0 +1,79 @@
+"""CUDA-graph replay: same results as the eagerly run program, fresh outputs, threads, shared memory pool."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import kernl
+from tests.models import tiny_bert, token_inputs
+
+TWELVE = [(b, s) for b in (1, 8, 32) for s in (32, 64, 128, 256)]
+
+
+@pytest.fixture(scope="module")
+def cuda_bundle(tmp_path_factory):
+    model = tiny_bert(max_position_embeddings=256)
+    path = kernl.compile(
+        model, tmp_path_factory.mktemp("b") / "bert", buckets=TWELVE, device="cuda", dtype=torch.float16
+    )
+    return model.to("cuda", torch.float16), path
+
+
+def _cuda(inputs):
+    return {k: v.cuda() for k, v in inputs.items()}
+
+
+@pytest.mark.gpu
+def test_graph_replay_matches_eager_program(cuda_bundle):
+    _, path = cuda_bundle
+    graphs, eager = kernl.load(path), kernl.load(path, cuda_graphs=False)
+    for batch, seq in [(1, 1), (3, 37), (8, 64), (17, 200), (32, 256)]:
+        inputs = _cuda(token_inputs(batch, seq))
+        got, want = graphs(**inputs), eager(**inputs)
+        assert got.last_hidden_state.shape == (batch, seq, 32)
+        assert torch.equal(got.last_hidden_state, want.last_hidden_state)
+        assert torch.equal(got.pooler_output, want.pooler_output)
+
+
+@pytest.mark.gpu
+def test_outputs_are_not_overwritten_by_the_next_call(cuda_bundle):
+    bundle = kernl.load(cuda_bundle[1])
+    a_in, b_in = _cuda(token_inputs(2, 30)), _cuda(token_inputs(2, 30))
+    a = bundle(**a_in).last_hidden_state
+    a_copy = a.clone()
+    bundle(**b_in)
+    assert torch.equal(a, a_copy)
+
+
+@pytest.mark.gpu
+def test_threads_get_their_own_results(cuda_bundle):
+    bundle = kernl.load(cuda_bundle[1])
+    calls = [_cuda(token_inputs(b, s)) for b, s in [(1, 5), (4, 60), (8, 128), (2, 33)] * 4]
+    want = [bundle(**c).last_hidden_state for c in calls]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda c: bundle(**c).last_hidden_state, calls))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def _reserved_by_load(path) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_reserved()
+    bundle = kernl.load(path)
+    torch.cuda.synchronize()
+    used = torch.cuda.memory_reserved() - base
+    del bundle
+    torch.cuda.empty_cache()
+    return used
+
+
+@pytest.mark.gpu
+def test_twelve_buckets_cost_about_one(cuda_bundle, tmp_path):
+    model, path = cuda_bundle
+    largest = kernl.compile(model, tmp_path / "one", buckets=[TWELVE[-1]], device="cuda")
+    one, twelve = _reserved_by_load(largest), _reserved_by_load(path)
+    print(f"reserved: 1 bucket {one / 2**20:.1f} MiB, 12 buckets {twelve / 2**20:.1f} MiB")
+    # Separate pools would cost the sum of all twelve buckets' activations; one pool costs about the largest.
+    assert twelve <= 1.5 * one + 8 * 2**20
