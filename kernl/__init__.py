@@ -32,7 +32,8 @@ def compile(
 ) -> Path:
     """Export model for the (batch, seq_len) buckets, rewrite it onto kernl's kernels, and write a bundle.
 
-    options: tokenizer (saved into the bundle), overwrite (replace an existing output_dir), progress.
+    options: tokenizer (saved into the bundle), overwrite (replace an existing output_dir), archive (also
+    write the one-file form, output_dir + ".kernl"), progress (a callable given each stage's name).
     """
     from kernl.compiler import compile_model
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 from typing import Any
 
@@ -38,6 +40,12 @@ def describe_target(device: torch.device) -> dict[str, Any]:
         major, minor = torch.cuda.get_device_capability(device)
         return {"device": "cuda", "gpu": torch.cuda.get_device_name(device), "capability": f"{major}.{minor}"}
     return {"device": device.type}
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own digest: an edit anywhere changes it."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def validate(manifest: Any) -> dict[str, Any]:

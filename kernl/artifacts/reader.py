@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kernl.artifacts.hashing import sha256_file
-from kernl.artifacts.manifest import MANIFEST, validate
+from kernl.artifacts.manifest import MANIFEST, manifest_digest, validate
 from kernl.errors import BundleError
 
 
@@ -24,6 +24,8 @@ def read_manifest(bundle_dir: str | os.PathLike, *, verify: bool = True) -> dict
         raise BundleError(f"{path}: missing; not a complete kernl bundle") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"{path}: not valid JSON ({err})") from None
+    if verify and manifest.get("digest") != manifest_digest(manifest):
+        raise BundleError(f"{path}: edited after the bundle was written (its digest does not match)")
     for rel, entry in manifest["files"].items():
         file = root / rel
         if not file.is_file():

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kernl.artifacts.hashing import sha256_file
-from kernl.artifacts.manifest import MANIFEST
+from kernl.artifacts.manifest import MANIFEST, manifest_digest
 from kernl.errors import KernlError
 
 
@@ -50,6 +50,7 @@ class BundleWriter:
             rel = path.relative_to(self.root).as_posix()
             files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
         manifest = {**manifest, "files": files}
+        manifest["digest"] = manifest_digest(manifest)
         tmp = self.root / (MANIFEST + ".partial")
         with open(tmp, "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=False)

@@ -2,50 +2,29 @@
 
 from __future__ import annotations
 
-import copy
+import json
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch.export.graph_signature import InputKind
 
+from kernl.artifacts.archive import pack
+from kernl.artifacts.kernel_cache import save_kernels
 from kernl.artifacts.manifest import FORMAT_VERSION, describe_target, library_versions
 from kernl.artifacts.weights import save_weights
 from kernl.artifacts.writer import BundleWriter
-from kernl.compiler.codegen import bind_device, program_source
-from kernl.compiler.inputs import example_inputs_for, input_specs
-from kernl.compiler.outputs import output_layout, output_names
-from kernl.compiler.passes import run_passes
-from kernl.compiler.trace import export_model
+from kernl.compiler.lower import _weights as _weights  # re-exported: tests and scripts rewrite programs with it
+from kernl.compiler.lower import lower_model
 from kernl.compiler.warmup import load_program, warm_up
 from kernl.errors import KernlError
 
-
-def _check_buckets(buckets: Sequence) -> list[tuple[int, int]]:
-    out = []
-    for b in buckets:
-        if not (isinstance(b, Sequence) and len(b) == 2 and all(isinstance(v, int) and v >= 1 for v in b)):
-            raise KernlError(f"bucket {b!r}: expected a (batch, seq_len) pair of positive ints")
-        out.append((int(b[0]), int(b[1])))
-    if not out:
-        raise KernlError("buckets: give at least one (batch, seq_len) pair")
-    return sorted(set(out))
-
-
-def _weights(ep) -> dict[str, torch.Tensor]:
-    """Program inputs that are parameters, buffers or constants, by placeholder name."""
-    tensors = {}
-    for spec in ep.graph_signature.input_specs:
-        if spec.kind == InputKind.USER_INPUT:
-            continue
-        source = ep.state_dict if spec.target in ep.state_dict else ep.constants
-        value = source.get(spec.target)
-        if not isinstance(value, torch.Tensor):
-            raise KernlError(f"{spec.target}: a non-tensor constant in the exported program is not supported")
-        tensors[spec.arg.name] = value
-    return tensors
+# Keys compile_model writes into the manifest; metadata= may add others, never replace these.
+MANIFEST_KEYS = frozenset(
+    "format_version model versions target dtype export_mode inputs outputs buckets rewrites program weights checks "
+    "kernels build_seconds files digest".split()
+)
 
 
 def compile_model(
@@ -58,13 +37,15 @@ def compile_model(
     example_inputs: dict[str, torch.Tensor] | None = None,
     tokenizer=None,
     overwrite: bool = False,
+    archive: bool = False,
     progress=None,
+    metadata: dict | None = None,
 ) -> Path:
-    """Compile model into a bundle at output_dir; returns its path. See kernl.compile."""
-    buckets = _check_buckets(buckets)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KernlError("device cuda: no CUDA GPU is available on this machine")
+    """Compile model into a bundle at output_dir; returns its path. See kernl.compile.
+
+    metadata: extra JSON-serialisable manifest entries (e.g. task, source model), added beside kernl's own.
+    """
+    metadata = _check_metadata(metadata)
     stage = progress or (lambda name: None)
     timings: dict[str, float] = {}
 
@@ -72,54 +53,25 @@ def compile_model(
         stage(name)
         timings[name] = time.perf_counter()
 
-    param = next(iter(model.parameters()), None)
-    if param is not None and ((dtype and param.dtype != dtype) or param.device != device):
-        model = copy.deepcopy(model).to(device=device, dtype=dtype)  # leave the caller's model as it was
-    model = model.eval()
-    if hasattr(model, "config") and hasattr(model.config, "use_cache"):
-        model.config.use_cache = False
-    dtype = dtype or (param.dtype if param is not None else torch.float32)
-
-    if example_inputs is not None:
-        given = {k: v.to(device) for k, v in example_inputs.items()}
-        specs = input_specs(given)
-
-        def make_inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
-            return {k: _resize(v, batch, seq) for k, v in given.items()}
-    else:
-
-        def make_inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
-            return example_inputs_for(model, batch, seq, device)
-
-        specs = input_specs(make_inputs(1, 2))
-
-    timed("export")
-    with torch.no_grad():
-        traced = export_model(model, make_inputs, buckets)
-        eager_out = model(**traced.example)
-    ep = traced.program
-    layout = output_layout(ep, traced.example, static=traced.mode == "static")
-    names = output_names(eager_out, len(layout))
-
-    timed("rewrite")
-    gm = ep.graph_module
-    weights = _weights(ep)
-    user_inputs = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
-    report = run_passes(gm, weights)
-    bind_device(gm.graph)
-    gm.recompile()
-    weight_names = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name in weights]
-    from kernl import __version__
-
-    source = program_source(gm, model_name=type(model).__name__, version=__version__, outputs=names, report=report)
-
+    low = lower_model(model, buckets, dtype=dtype, device=device, example_inputs=example_inputs, stage=timed)
+    model, device, buckets = low.model, low.device, low.buckets
     with BundleWriter(output_dir, overwrite=overwrite) as writer:
-        program_path = writer.write_text("program.py", source)
+        program_path = writer.write_text("program.py", low.source)
         timed("warm-up")
         forward = load_program(program_path)
-        checks = warm_up(forward, model, make_inputs, buckets, device, [weights[n] for n in weight_names], user_inputs)
+        checks = warm_up(
+            forward,
+            model,
+            low.make_inputs,
+            buckets,
+            device,
+            low.weight_list(),
+            low.input_names,
+            on_bucket=lambda b: stage(f"warm-up {b[0]}x{b[1]}"),
+        )
         timed("save")
-        aliases = save_weights(weights, writer.root / "weights.safetensors")
+        kernels = save_kernels(writer.root) if device.type == "cuda" else 0
+        aliases = save_weights(low.weights, writer.root / "weights.safetensors")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(writer.root / "tokenizer"))
         manifest = {
@@ -127,23 +79,37 @@ def compile_model(
             "model": type(model).__name__,
             "versions": library_versions(),
             "target": describe_target(device),
-            "dtype": str(dtype).removeprefix("torch."),
-            "export_mode": traced.mode,
-            "inputs": [s.to_json() for s in specs if s.name in user_inputs],
-            "outputs": [{"name": n, "dims": d} for n, d in zip(names, layout)],
+            "dtype": str(low.dtype).removeprefix("torch."),
+            "export_mode": low.mode,
+            "inputs": [s.to_json() for s in low.specs],
+            "outputs": low.outputs,
             "buckets": [list(b) for b in buckets],
-            "rewrites": report,
-            "program": {"file": "program.py", "weights": weight_names, "inputs": user_inputs},
+            "rewrites": low.report,
+            "program": {"file": "program.py", "weights": low.weight_names, "inputs": low.input_names},
             "weights": {"file": "weights.safetensors", "aliases": aliases},
             "checks": checks,
+            "kernels": {"triton": kernels, "autotune": "kernels/autotune.json" if kernels else None},
         }
         timed("end")
         stamps = list(timings.items())
         manifest["build_seconds"] = {a: round(tb - ta, 3) for (a, ta), (_, tb) in zip(stamps, stamps[1:])}
-        return writer.commit(manifest)
+        manifest.update(metadata)
+        path = writer.commit(manifest)
+    if archive:
+        pack(path)
+    return path
 
 
-def _resize(t: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
-    """Repeat an example input to (batch, seq), keeping its values' distribution."""
-    reps = (-(-batch // t.shape[0]), -(-seq // t.shape[1]))
-    return t.repeat(*reps)[:batch, :seq].contiguous()
+def _check_metadata(metadata: dict | None) -> dict:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
+        raise KernlError("metadata: expected a dict with string keys")
+    clash = sorted(MANIFEST_KEYS & set(metadata))
+    if clash:
+        raise KernlError(f"metadata: {', '.join(clash)} are kernl's own manifest entries")
+    try:
+        json.dumps(metadata)
+    except (TypeError, ValueError) as err:
+        raise KernlError(f"metadata: not JSON-serialisable ({err})") from None
+    return dict(metadata)

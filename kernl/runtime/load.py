@@ -7,11 +7,13 @@ from pathlib import Path
 
 import torch
 
+from kernl.artifacts.archive import unpack
+from kernl.artifacts.kernel_cache import use_bundle_kernels
 from kernl.artifacts.reader import read_manifest
 from kernl.artifacts.weights import load_weights
 from kernl.errors import BundleError
 from kernl.runtime.bundle import Bundle
-from kernl.runtime.compat import resolve_device
+from kernl.runtime.compat import check_kernels, resolve_device
 
 
 def _bind_program(path: Path):
@@ -31,14 +33,21 @@ def load(
     *,
     verify: bool = True,
     cuda_graphs: bool = True,
+    recompile: bool = False,
 ) -> Bundle:
     """Load the bundle at path onto device (default: its target's kind when this machine has it).
 
     verify checks every file's sha256; on CUDA, cuda_graphs captures one graph per bucket at load.
+    A bundle built for another GPU architecture, Triton or torch raises BundleError, or with recompile=True
+    warns and compiles its kernels here.
     """
     root = Path(path)
+    if root.is_file():
+        root = unpack(root)
     manifest = read_manifest(root, verify=verify)
     device = resolve_device(manifest, device)
+    if device.type == "cuda" and check_kernels(manifest, device, recompile=recompile):
+        use_bundle_kernels(root)
     try:
         tensors = load_weights(root / manifest["weights"]["file"], manifest["weights"]["aliases"], device)
         weights = [tensors[name] for name in manifest["program"]["weights"]]

@@ -83,3 +83,34 @@ def test_existing_output_needs_overwrite(tmp_path):
     with pytest.raises(kernl.KernlError, match="already exists"):
         kernl.compile(tiny_bert(), out, buckets=[(1, 8)], device="cpu")
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_edited_manifest(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["buckets"].append([64, 64])  # e.g. a hand edit that would let calls overrun the program
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(kernl.BundleError, match="manifest.json: edited"):
+        kernl.load(bundle)
+
+
+def test_archive_round_trip(tiny_bert_bundle, tmp_path, monkeypatch):
+    from kernl.artifacts.archive import pack
+
+    monkeypatch.setenv("KERNL_CACHE", str(tmp_path / "cache"))
+    model, path = tiny_bert_bundle
+    archive = pack(path, tmp_path / "bert.kernl")
+    ids = torch.randint(0, 99, (2, 11))
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state
+    for _ in range(2):  # the second load reuses the extracted folder
+        out = kernl.load(archive)(input_ids=ids).last_hidden_state
+        assert (out - want).abs().max() <= 1e-4
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_corrupt_archive(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERNL_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "bad.kernl"
+    bad.write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(kernl.BundleError, match="bad.kernl"):
+        kernl.load(bad)

@@ -1,0 +1,77 @@
+"""bert-base with 12 buckets: build time, bundle size, time from a fresh `python -c` to the first output,
+and GPU memory of the 12-bucket load against a single-bucket one.
+
+python benchmarks/cold_start.py [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BUCKETS = [(b, s) for b in (1, 8, 32) for s in (32, 64, 128, 256)]
+
+FIRST_OUTPUT = """
+import time
+t0 = time.perf_counter()
+import sys, torch, kernl
+bundle = kernl.load(sys.argv[1])
+ids = torch.randint(0, 30000, (8, 100), device="cuda")
+out = bundle(input_ids=ids).last_hidden_state
+torch.cuda.synchronize()
+print(time.perf_counter() - t0, torch.cuda.memory_reserved())
+"""
+
+
+def fresh_process_first_output(path: Path) -> tuple[float, float, int]:
+    """Wall time of the whole process, the time measured inside it, and the GPU memory it reserved."""
+    t = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", FIRST_OUTPUT, str(path)], capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t
+    inside, reserved = run.stdout.split()
+    return wall, float(inside), int(reserved)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    from transformers import BertConfig, BertModel
+
+    import kernl
+
+    model = BertModel(BertConfig()).eval()
+    tmp = Path(tempfile.mkdtemp())
+    t = time.perf_counter()
+    twelve = kernl.compile(model, tmp / "twelve", buckets=BUCKETS, dtype=torch.float16, device="cuda")
+    build_s = time.perf_counter() - t
+    one = kernl.compile(model, tmp / "one", buckets=[BUCKETS[-1]], dtype=torch.float16, device="cuda")
+    size = sum(p.stat().st_size for p in twelve.rglob("*") if p.is_file())
+    fresh_process_first_output(twelve)  # the OS file cache warm, as on a production host after deploy
+    wall, inside, mem12 = fresh_process_first_output(twelve)
+    _, _, mem1 = fresh_process_first_output(one)
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "buckets": BUCKETS,
+        "build_s": build_s,
+        "bundle_mb": size / 1e6,
+        "fresh_process_to_first_output_s": wall,
+        "import_load_capture_first_call_s": inside,
+        "gpu_reserved_12_buckets_mb": mem12 / 2**20,
+        "gpu_reserved_1_bucket_mb": mem1 / 2**20,
+    }
+    text = json.dumps(result, indent=1)
+    if args.json:
+        args.json.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""y = act(x @ weight.T + bias) + residual as one Triton GEMM: bias, activation and residual in its epilogue."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from kernl.kernels import autotune_cache
+from kernl.kernels._backend import HAS_TRITON, check_tensor, runs_triton
+from kernl.kernels._gemm import check_activation, fit_configs, torch_activation
+
+# Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per M bucket, best guess first.
+# Small M streams the weight: wide-K tiles, and narrow N tiles so that even N=768 makes enough
+# programs to keep every SM loading. Mid M needs small tiles too (M=128, N=768 is 12 programs of
+# 64x128). Large M is compute bound: the big wgmma tiles of Triton's matmul tutorial.
+_CONFIGS_BY_M = (
+    (16, [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3),
+          (16, 64, 256, 4, 3), (16, 128, 128, 4, 3), (16, 16, 256, 2, 4)]),
+    (64, [(32, 64, 128, 4, 4), (64, 64, 64, 4, 4), (32, 128, 64, 4, 4),
+          (64, 128, 64, 4, 4), (32, 32, 128, 4, 4), (32, 16, 256, 2, 3)]),
+    (256, [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4),
+           (128, 64, 64, 4, 4), (32, 64, 128, 4, 4), (32, 32, 128, 4, 4)]),
+    (1024, [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+            (128, 256, 64, 8, 3), (64, 64, 64, 4, 4), (32, 64, 128, 4, 4)]),
+    (None, [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+            (128, 128, 32, 4, 4), (64, 256, 32, 4, 4), (128, 64, 64, 4, 4)]),
+)  # fmt: skip
+
+
+@functools.cache
+def linear_configs(m_bucket: int, n: int, k: int, elem_size: int, heavy_epilogue: bool) -> list[dict[str, int]]:
+    """The configs the autotuner tries for one problem class; the first is the untuned default.
+
+    heavy_epilogue: an activation or a residual; its temporaries need registers, so the accumulator
+    gets half as many per thread (more warps, or the config goes).
+    """
+    table = next(rows for limit, rows in _CONFIGS_BY_M if limit is None or m_bucket <= limit)
+    if m_bucket <= 16 and n > 2048:
+        # Enough 64-wide column tiles to fill the GPU: prefer them over the 32-wide default.
+        table = [table[1], table[0], *table[2:]]
+    max_acc = 64 if heavy_epilogue else 128
+    return fit_configs(table, m_bucket=m_bucket, n=n, k=k, elem_size=elem_size, max_acc_per_thread=max_acc)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from kernl.kernels._gemm import apply_activation, grouped_tile
+
+    @triton.jit
+    def linear_kernel(
+        X,  # input [M, K], any strides: a row-strided view needs no copy
+        W,  # weight, read as [N, K] through (stride_wn, stride_wk); Conv1D's [K, N] just swaps them
+        B,  # bias [N], contiguous (unused unless HAS_BIAS)
+        R,  # residual [M, N] (unused unless HAS_RESIDUAL)
+        Y,  # output [M, N]
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_xk,
+        stride_wn,
+        stride_wk,
+        stride_rm,
+        stride_rn,
+        stride_ym,
+        stride_yn,
+        ACTIVATION: tl.constexpr,  # "none" or a name from _gemm.ACTIVATIONS, applied after the bias
+        HAS_BIAS: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: exact products, no silent TF32
+        EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: the K loop needs no mask
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,  # row blocks per launch group, for L2 reuse of weight tiles
+    ):
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        # Rows and columns past the edge wrap back into range, so the loop's loads need no M/N mask
+        # (and stay vectorised); the store drops them. int64: M * K can pass 2**31 (lm_head, long batches).
+        rows = (offs_m % M).to(tl.int64)
+        cols = (offs_n % N).to(tl.int64)
+        x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = W + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+        # fp32 accumulator whatever the input dtype.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k_start in range(0, K, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                # Zeros past K add nothing to the dot product.
+                k_left = K - k_start
+                x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+                w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            acc = tl.dot(x, w, acc=acc, input_precision=INPUT_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+        # Epilogue on the fp32 tile in registers: the product never goes to memory un-finished.
+        if HAS_BIAS:
+            acc += tl.load(B + cols).to(tl.float32)[None, :]
+        acc = apply_activation(acc, ACTIVATION)
+        out_rows = offs_m.to(tl.int64)[:, None]
+        in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if HAS_RESIDUAL:
+            r = tl.load(R + out_rows * stride_rm + offs_n[None, :] * stride_rn, mask=in_bounds, other=0.0)
+            acc += r.to(tl.float32)
+        tl.store(Y + out_rows * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty), mask=in_bounds)
+
+    def launch_linear(
+        x2: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        r2: torch.Tensor | None,
+        y2: torch.Tensor,
+        activation: str | None,
+        weight_transposed: bool,
+    ) -> None:
+        """Fill y2 [M, N] from x2 [M, K]; picks (or tunes, once per key) the tile config."""
+        m, k = x2.shape
+        n = y2.shape[1]
+        if weight_transposed:
+            # Conv1D's [in, out] weight, read as [out, in] by swapping its strides: no copy.
+            stride_wk, stride_wn = weight.stride()
+        else:
+            stride_wn, stride_wk = weight.stride()
+        act = activation or "none"
+        key = (
+            autotune_cache.dtype_name(x2.dtype),
+            autotune_cache.bucket_m(m),
+            n,
+            k,
+            act,
+            bias is not None,
+            r2 is not None,
+            weight_transposed,
+        )
+
+        def run(config: dict[str, int]) -> None:
+            # One program per output tile (plain ints: triton.cdiv costs microseconds per launch).
+            grid = (-(-m // config["BLOCK_M"]) * -(-n // config["BLOCK_N"]),)
+            linear_kernel[grid](
+                x2,
+                weight,
+                bias if bias is not None else y2,
+                r2 if r2 is not None else y2,
+                y2,
+                m,
+                n,
+                k,
+                x2.stride(0),
+                x2.stride(1),
+                stride_wn,
+                stride_wk,
+                r2.stride(0) if r2 is not None else 0,
+                r2.stride(1) if r2 is not None else 0,
+                y2.stride(0),
+                y2.stride(1),
+                ACTIVATION=act,
+                HAS_BIAS=bias is not None,
+                HAS_RESIDUAL=r2 is not None,
+                INPUT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+                EVEN_K=k % config["BLOCK_K"] == 0,
+                **config,
+            )
+
+        heavy_epilogue = act != "none" or r2 is not None
+        candidates = linear_configs(key[1], n, k, x2.element_size(), heavy_epilogue)
+        run(autotune_cache.tune("linear", key, candidates, run, benchmark=x2.is_cuda))
+
+
+def _out_features(weight: torch.Tensor, weight_transposed: bool) -> int:
+    return weight.shape[1] if weight_transposed else weight.shape[0]
+
+
+def check_linear_args(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    residual: torch.Tensor | None,
+    weight_transposed: bool,
+) -> None:
+    """Raise a ValueError naming the first bad argument of linear()."""
+    check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected at least rank 1 ([..., in_features]), got shape {tuple(x.shape)}")
+    check_tensor("weight", weight, ndim=2, like=x)
+    in_features = weight.shape[0] if weight_transposed else weight.shape[1]
+    if in_features != x.shape[-1]:
+        layout = "[in, out]" if weight_transposed else "[out, in]"
+        raise ValueError(
+            f"weight: shape {tuple(weight.shape)} read as {layout} has {in_features} in_features, "
+            f"but x has {x.shape[-1]}"
+        )
+    n = _out_features(weight, weight_transposed)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, like=x)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias: shape {tuple(bias.shape)} does not match out_features {n}")
+    check_activation(activation, allow_none=True)
+    if residual is not None:
+        check_tensor("residual", residual, like=x)
+        want = (*x.shape[:-1], n)
+        if tuple(residual.shape) != want:
+            raise ValueError(f"residual: shape {tuple(residual.shape)} differs from the output's {want}")
+
+
+def linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    weight_transposed: bool = False,
+) -> torch.Tensor:
+    """Plain torch: act(x @ weight.T + bias) + residual in fp32, cast back to x's dtype."""
+    w = weight.float().t() if weight_transposed else weight.float()
+    y = F.linear(x.float(), w, bias.float() if bias is not None else None)
+    y = torch_activation(y, activation)
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    weight_transposed: bool = False,
+) -> torch.Tensor:
+    """act(x @ weight.T + bias) + residual in one kernel, accumulating in fp32.
+
+    x: [..., in]; weight: [out, in], or [in, out] with weight_transposed (GPT-2's Conv1D), read in place;
+    bias: [out] or None; activation: None, "relu", "gelu" (erf), "gelu_tanh", "silu" or "tanh";
+    residual: [..., out] or None, added after the activation.
+    Returns y: [..., out] in x's dtype. fp32 inputs multiply in full fp32 ("ieee"), never TF32.
+    """
+    check_linear_args(x, weight, bias, activation, residual, weight_transposed)
+    if not runs_triton(x):
+        return linear_reference(
+            x, weight, bias, activation=activation, residual=residual, weight_transposed=weight_transposed
+        )
+    k, n = x.shape[-1], _out_features(weight, weight_transposed)
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    # Views where possible: the kernel takes any strides.
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    r2 = residual.reshape(-1, n) if residual is not None else None
+    launch_linear(
+        x2, weight, bias.contiguous() if bias is not None else None, r2, y.view(-1, n), activation, weight_transposed
+    )
+    return y
+
+
+@torch.library.custom_op("kernl::linear", mutates_args=())
+def linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    residual: torch.Tensor | None,
+    weight_transposed: bool,
+) -> torch.Tensor:
+    return linear(x, weight, bias, activation=activation, residual=residual, weight_transposed=weight_transposed)
+
+
+@linear_op.register_fake
+def _(x, weight, bias, activation, residual, weight_transposed):
+    return x.new_empty((*x.shape[:-1], _out_features(weight, weight_transposed)))
