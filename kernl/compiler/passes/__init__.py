@@ -11,12 +11,33 @@ from collections import Counter
 import torch
 import torch.fx
 
+from kernl.compiler.passes.attention import fuse_attention
 from kernl.compiler.passes.context import PassContext
+from kernl.compiler.passes.gated import fuse_gated_linear
+from kernl.compiler.passes.inline import inline_higher_order_ops
 from kernl.compiler.passes.layer_norm import fuse_layer_norm
+from kernl.compiler.passes.linear import fuse_linear
 from kernl.compiler.passes.noops import remove_inference_noops
+from kernl.compiler.passes.projections import fuse_projections
+from kernl.compiler.passes.rms_norm import fuse_rms_norm
+from kernl.compiler.passes.rotary import fuse_rotary
 
-# Order matters: no-ops first so that patterns see through dropout.
-PASSES = (remove_inference_noops, fuse_layer_norm)
+# Order matters:
+# - wrapped regions inlined first, then no-ops removed, so that patterns see one flat graph without dropout;
+# - norms take the residual add before the linear pass could (the layer-norm tests pin add_layer_norm);
+# - gate/up go to gated_linear before the projection fusion could merge them, and sibling linears are
+#   merged before the linear pass turns each into kernl.linear with its activation and residual.
+PASSES = (
+    inline_higher_order_ops,
+    remove_inference_noops,
+    fuse_attention,
+    fuse_rotary,
+    fuse_layer_norm,
+    fuse_rms_norm,
+    fuse_gated_linear,
+    fuse_projections,
+    fuse_linear,
+)
 
 
 def run_passes(gm: torch.fx.GraphModule, weights: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
