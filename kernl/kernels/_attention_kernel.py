@@ -76,7 +76,7 @@ def _attend_tile(
     in_k = cols < seq_k
     in_d = offs_d < HEAD_DIM
     # int64: key offset times a fused-QKV row stride passes 2**31 at long contexts.
-    n64 = start_n.to(tl.int64)
+    n64 = tl.cast(start_n, tl.int64)
     kt = _load_2d(kt_ptrs + n64 * stride_kn, in_d, in_k, PAD_D, EDGE)
     v = _load_2d(v_ptrs + n64 * stride_vn, in_k, in_d, EDGE, PAD_D)
     qk = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE_DOT)

@@ -102,7 +102,11 @@ def test_custom_scale_and_hf_min_mask():
     q, k, v = qkv(2, 4, 2, 7, 37, 32, torch.float16)
     # Hugging Face fills with finfo.min, not -inf: a finite value that must stay finite inside the kernel.
     mask = padding_mask(2, 37, torch.float32, fill=torch.finfo(torch.float32).min)
-    check(attention(q, k, v, mask=mask, scale=0.3), q, k, v, TOL[torch.float16], mask=mask, scale=0.3)
+    mask[1] = torch.finfo(torch.float32).min  # every key "hidden": finite scores, so a plain average, as SDPA
+    out = attention(q, k, v, mask=mask, scale=0.3)
+    check(out, q, k, v, TOL[torch.float16], mask=mask, scale=0.3)
+    average = v[1].float().mean(1, keepdim=True).repeat_interleave(2, dim=0).expand(4, 7, 32)
+    assert rel_err(out[1], average) < TOL[torch.float16]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -1,0 +1,149 @@
+"""Export → rewrite → program source, in memory: what kernl.compile writes out and optimize_model runs."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.export.graph_signature import InputKind
+
+from kernl.compiler.codegen import bind_device, program_source
+from kernl.compiler.inputs import InputSpec, example_inputs_for, input_specs
+from kernl.compiler.outputs import output_layout, output_names
+from kernl.compiler.passes import run_passes
+from kernl.compiler.trace import export_model
+from kernl.errors import KernlError
+
+
+@dataclass
+class Lowered:
+    """A rewritten program and everything needed to run it, before anything is written to disk."""
+
+    model: torch.nn.Module  # the eval-mode model that was exported (on device, in dtype)
+    source: str  # program.py: forward(target_device, *weights, *inputs)
+    weights: dict[str, torch.Tensor]  # program weight inputs by placeholder name
+    weight_names: list[str]  # the program's weight parameters, in order
+    input_names: list[str]  # the program's user inputs, in order
+    specs: list[InputSpec]  # every example input (name, dtype, fill rule)
+    outputs: list[dict]  # {"name": ..., "dims": [...]} per output; dims are "batch", "seq" or ints
+    report: dict[str, int]  # rewrite counters
+    mode: str  # export mode: "strict-dynamic", "nonstrict-dynamic" or "static"
+    buckets: list[tuple[int, int]]  # the sorted buckets the program was exported for
+    dtype: torch.dtype
+    device: torch.device
+    make_inputs: Callable[[int, int], dict[str, torch.Tensor]]
+
+    def weight_list(self) -> list[torch.Tensor]:
+        return [self.weights[name] for name in self.weight_names]
+
+    def bind(self, filename: str = "<kernl program>") -> Callable:
+        """exec the program source and return its forward."""
+        namespace: dict = {"__name__": "kernl_program", "__file__": filename}
+        exec(compile(self.source, filename, "exec"), namespace)
+        return namespace["forward"]
+
+
+def check_buckets(buckets: Sequence) -> list[tuple[int, int]]:
+    out = []
+    for b in buckets:
+        if not (isinstance(b, Sequence) and len(b) == 2 and all(isinstance(v, int) and v >= 1 for v in b)):
+            raise KernlError(f"bucket {b!r}: expected a (batch, seq_len) pair of positive ints")
+        out.append((int(b[0]), int(b[1])))
+    if not out:
+        raise KernlError("buckets: give at least one (batch, seq_len) pair")
+    return sorted(set(out))
+
+
+def _weights(ep) -> dict[str, torch.Tensor]:
+    """Program inputs that are parameters, buffers or constants, by placeholder name."""
+    tensors = {}
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            continue
+        source = ep.state_dict if spec.target in ep.state_dict else ep.constants
+        value = source.get(spec.target)
+        if not isinstance(value, torch.Tensor):
+            raise KernlError(f"{spec.target}: a non-tensor constant in the exported program is not supported")
+        tensors[spec.arg.name] = value
+    return tensors
+
+
+def _resize(t: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """Repeat an example input to (batch, seq), keeping its values' distribution."""
+    reps = (-(-batch // t.shape[0]), -(-seq // t.shape[1]))
+    return t.repeat(*reps)[:batch, :seq].contiguous()
+
+
+def lower_model(
+    model: torch.nn.Module,
+    buckets: Sequence[tuple[int, int]],
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    example_inputs: dict[str, torch.Tensor] | None = None,
+    stage: Callable[[str], None] | None = None,
+) -> Lowered:
+    """Export model for buckets and rewrite it onto kernl's kernels; stage(name) marks "export" and "rewrite"."""
+    buckets = check_buckets(buckets)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KernlError("device cuda: no CUDA GPU is available on this machine")
+    stage = stage or (lambda name: None)
+
+    param = next(iter(model.parameters()), None)
+    if param is not None and ((dtype and param.dtype != dtype) or param.device != device):
+        model = copy.deepcopy(model).to(device=device, dtype=dtype)  # leave the caller's model as it was
+    model = model.eval()
+    if hasattr(model, "config") and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    dtype = dtype or (param.dtype if param is not None else torch.float32)
+
+    if example_inputs is not None:
+        given = {k: v.to(device) for k, v in example_inputs.items()}
+        specs = input_specs(given)
+
+        def make_inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
+            return {k: _resize(v, batch, seq) for k, v in given.items()}
+    else:
+
+        def make_inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
+            return example_inputs_for(model, batch, seq, device)
+
+        specs = input_specs(make_inputs(1, 2))
+
+    stage("export")
+    with torch.no_grad():
+        traced = export_model(model, make_inputs, buckets)
+        eager_out = model(**traced.example)
+    ep = traced.program
+    layout = output_layout(ep, traced.example, static=traced.mode == "static")
+    names = output_names(eager_out, len(layout))
+
+    stage("rewrite")
+    gm = ep.graph_module
+    weights = _weights(ep)
+    user_inputs = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    report = run_passes(gm, weights)
+    bind_device(gm.graph)
+    gm.recompile()
+    weight_names = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name in weights]
+    from kernl import __version__
+
+    source = program_source(gm, model_name=type(model).__name__, version=__version__, outputs=names, report=report)
+    return Lowered(
+        model=model,
+        source=source,
+        weights=weights,
+        weight_names=weight_names,
+        input_names=user_inputs,
+        specs=[s for s in specs if s.name in user_inputs],
+        outputs=[{"name": n, "dims": d} for n, d in zip(names, layout)],
+        report=report,
+        mode=traced.mode,
+        buckets=buckets,
+        dtype=dtype,
+        device=device,
+        make_inputs=make_inputs,
+    )
