@@ -22,7 +22,7 @@ class PassContext:
             (n.meta["val"].fake_mode for n in placeholders if hasattr(n.meta.get("val"), "fake_mode")), None
         )
         if fake_mode is not None:
-            node.meta["val"] = fake_mode.from_tensor(value)
+            node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)  # weights have fixed sizes
         self.weights[node.name] = value
         return node
 
