@@ -43,10 +43,10 @@ class BundleWriter:
         path.write_text(text)
         return path
 
-    def commit(self, manifest: dict[str, Any]) -> Path:
-        """Hash every file, write manifest.json last, and move the folder into place."""
+    def write_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Hash every file and write manifest.json (last), inside the hidden folder; returns what was written."""
         files = {}
-        for path in sorted(p for p in self.root.rglob("*") if p.is_file()):
+        for path in sorted(p for p in self.root.rglob("*") if p.is_file() and p.name != MANIFEST):
             rel = path.relative_to(self.root).as_posix()
             files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
         manifest = {**manifest, "files": files}
@@ -57,6 +57,11 @@ class BundleWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / MANIFEST)
+        return manifest
+
+    def commit(self, manifest: dict[str, Any]) -> Path:
+        """Write the manifest and move the folder into place."""
+        self.write_manifest(manifest)
         old = None
         if self.output.exists():
             old = self.output.parent / f".{self.output.name}.kernl-old-{uuid.uuid4().hex[:8]}"

@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 
 from kernl.artifacts.archive import pack
-from kernl.artifacts.kernel_cache import save_kernels
+from kernl.artifacts.kernel_cache import cached_kernel_count, save_kernels
 from kernl.artifacts.manifest import FORMAT_VERSION, describe_target, library_versions
 from kernl.artifacts.weights import save_weights
 from kernl.artifacts.writer import BundleWriter
 from kernl.compiler.lower import _weights as _weights  # re-exported: tests and scripts rewrite programs with it
 from kernl.compiler.lower import lower_model
-from kernl.compiler.warmup import load_program, warm_up
+from kernl.compiler.warmup import load_program, warm_in_fresh_process, warm_up
 from kernl.errors import KernlError
 
 # Keys compile_model writes into the manifest; metadata= may add others, never replace these.
@@ -94,6 +94,13 @@ def compile_model(
         stamps = list(timings.items())
         manifest["build_seconds"] = {a: round(tb - ta, 3) for (a, ta), (_, tb) in zip(stamps, stamps[1:])}
         manifest.update(metadata)
+        if device.type == "cuda":
+            # Load the bundle once in a fresh process, with Triton's cache pointed at it: the launchers and
+            # utilities Triton builds on first use land in the bundle too, so production loads build nothing.
+            stage("seal")
+            writer.write_manifest(manifest)
+            warm_in_fresh_process(writer.root)
+            manifest["kernels"]["triton"] = cached_kernel_count(writer.root)
         path = writer.commit(manifest)
     if archive:
         pack(path)

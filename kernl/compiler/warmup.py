@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,11 +39,16 @@ def compare(got: list[torch.Tensor], want: list[torch.Tensor]) -> dict[str, floa
     return {"max_abs_diff": max_abs, "cosine": min_cos}
 
 
-def warm_up(forward, model, make_inputs, buckets, device, weights, input_names) -> list[dict]:
-    """Each bucket: run the program on fresh example inputs and compare with the eager model."""
+def warm_up(forward, model, make_inputs, buckets, device, weights, input_names, on_bucket=None) -> list[dict]:
+    """Each bucket: run the program on fresh example inputs and compare with the eager model.
+
+    on_bucket((batch, seq)) is called before each bucket, for progress reports.
+    """
     checks = []
     with torch.no_grad():
         for batch, seq in buckets:
+            if on_bucket is not None:
+                on_bucket((batch, seq))
             inputs = make_inputs(batch, seq)
             got = forward(device, *weights, *(inputs[n] for n in input_names))
             want = _flat(model(**inputs))
@@ -49,3 +56,16 @@ def warm_up(forward, model, make_inputs, buckets, device, weights, input_names) 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return checks
+
+
+SEAL = "import sys, kernl; kernl.load(sys.argv[1], verify=False)"
+
+
+def warm_in_fresh_process(bundle_root: Path, timeout_s: float = 600) -> None:
+    """Load the (not yet committed) bundle in a new process: every bucket runs once and is captured there."""
+    run = subprocess.run(
+        [sys.executable, "-c", SEAL, str(bundle_root)], capture_output=True, text=True, timeout=timeout_s
+    )
+    if run.returncode != 0:
+        tail = "\n".join(run.stderr.strip().splitlines()[-5:])
+        raise KernlError(f"loading the new bundle in a fresh process failed:\n{tail}")
