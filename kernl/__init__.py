@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from kernl.runtime.bundle import Bundle
 
 __version__ = "0.1.0"
-__all__ = ["BundleError", "InputError", "KernlError", "compile", "load"]
+__all__ = ["BundleError", "InputError", "KernlError", "compile", "load", "optimize_model"]
 
 
 def compile(
@@ -33,7 +33,8 @@ def compile(
     """Export model for the (batch, seq_len) buckets, rewrite it onto kernl's kernels, and write a bundle.
 
     options: tokenizer (saved into the bundle), overwrite (replace an existing output_dir), archive (also
-    write the one-file form, output_dir + ".kernl"), progress (a callable given each stage's name).
+    write the one-file form, output_dir + ".kernl"), progress (a callable given each stage's name),
+    metadata (extra JSON entries for the manifest, e.g. {"task": ...}).
     """
     from kernl.compiler import compile_model
 
@@ -47,3 +48,10 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, **op
     from kernl.runtime import load as _load
 
     return _load(path, device=device, **options)
+
+
+def optimize_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Make model's forward run through kernl in place (compiled per shape bucket, in memory); returns model."""
+    from kernl.model_optimization import optimize_model as _optimize
+
+    return _optimize(model)

@@ -22,8 +22,10 @@ class BucketGraphs:
         inputs: Sequence[tuple[str, torch.dtype]],
         buckets: Sequence[tuple[int, int]],
         device: torch.device,
+        pool: tuple | None = None,
     ) -> None:
-        self.pool = torch.cuda.graph_pool_handle()
+        # pool: another BucketGraphs' pool to share, when their replays are serialised together.
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         self.entries: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple]] = {}
         with torch.no_grad(), torch.cuda.device(device):
             for bucket in sorted(buckets, key=lambda b: b[0] * b[1], reverse=True):

@@ -1,0 +1,105 @@
+"""A bundle's manifest in words and small tables, shared by `kernl-compile`'s summary and `kernl inspect`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned columns separated by two spaces, with a rule under the header."""
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def fields(rows: Sequence[tuple[str, Any]]) -> str:
+    """`key   value` lines with the values aligned."""
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key.ljust(width)}  {value}" for key, value in rows)
+
+
+def buckets_text(manifest: dict[str, Any]) -> str:
+    return ", ".join(f"{b}x{s}" for b, s in manifest["buckets"])
+
+
+def rewrites_text(manifest: dict[str, Any]) -> str:
+    report = manifest.get("rewrites") or {}
+    return ", ".join(f"{name} {count}" for name, count in report.items()) or "none (every op stays as aten)"
+
+
+def bundle_bytes(manifest: dict[str, Any]) -> int:
+    return sum(entry.get("size", 0) for entry in manifest["files"].values())
+
+
+def kernel_count(manifest: dict[str, Any]) -> int:
+    kernels = manifest.get("kernels") or {}
+    return int(kernels.get("triton") or 0)
+
+
+def target_text(manifest: dict[str, Any]) -> str:
+    target = manifest["target"]
+    if target.get("device") == "cuda":
+        return f"cuda, {target.get('gpu')} (compute capability {target.get('capability')})"
+    return str(target.get("device"))
+
+
+def model_text(manifest: dict[str, Any]) -> str:
+    parts = [str(manifest.get("model", "?"))]
+    if manifest.get("task"):
+        parts.append(f"task {manifest['task']}")
+    if manifest.get("source"):
+        parts.append(f"from {manifest['source']}")
+    return ", ".join(parts)
+
+
+def checks_table(manifest: dict[str, Any]) -> str:
+    rows = [
+        (f"{c['bucket'][0]}x{c['bucket'][1]}", f"{c['cosine']:.6f}", f"{c['max_abs_diff']:.3e}")
+        for c in manifest.get("checks") or []
+    ]
+    return table(("bucket", "cosine to the model", "max abs diff"), rows)
+
+
+def stages_table(manifest: dict[str, Any]) -> str:
+    seconds = manifest.get("build_seconds") or {}
+    rows = [(stage, f"{value:.2f}") for stage, value in seconds.items()]
+    rows.append(("total", f"{sum(seconds.values()):.2f}"))
+    return table(("stage", "seconds"), rows)
+
+
+def files_table(manifest: dict[str, Any], manifest_size: int = 0) -> str:
+    sizes = {name: entry.get("size", 0) for name, entry in manifest["files"].items()}
+    if manifest_size:
+        sizes["manifest.json"] = manifest_size
+    rows = [(name, human_size(size)) for name, size in sorted(sizes.items())]
+    rows.append(("total", human_size(sum(sizes.values()))))
+    return table(("file", "size"), rows)
+
+
+def compile_summary(manifest: dict[str, Any], path: str) -> str:
+    """What `kernl-compile` prints at the end."""
+    head = fields(
+        [
+            ("bundle", path),
+            ("model", model_text(manifest)),
+            ("dtype", manifest["dtype"]),
+            ("target", target_text(manifest)),
+            ("buckets", buckets_text(manifest)),
+            ("rewrites", rewrites_text(manifest)),
+            ("kernels", f"{kernel_count(manifest)} compiled Triton kernels"),
+            ("size", f"{human_size(bundle_bytes(manifest))} in {len(manifest['files']) + 1} files"),
+        ],
+    )
+    return "\n\n".join((head, stages_table(manifest), checks_table(manifest)))
