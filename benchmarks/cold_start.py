@@ -22,11 +22,18 @@ FIRST_OUTPUT = """
 import time
 t0 = time.perf_counter()
 import sys, torch, kernl
+t_import = time.perf_counter()
+torch.cuda.init()
+t_cuda = time.perf_counter()
 bundle = kernl.load(sys.argv[1])
+t_load = time.perf_counter()
 ids = torch.randint(0, 30000, (8, 100), device="cuda")
 out = bundle(input_ids=ids).last_hidden_state
 torch.cuda.synchronize()
-print(time.perf_counter() - t0, torch.cuda.memory_reserved())
+t_end = time.perf_counter()
+print(t_end - t0, torch.cuda.memory_reserved())
+print(f"import {t_import - t0:.2f} s, cuda init {t_cuda - t_import:.2f} s, load+capture {t_load - t_cuda:.2f} s, "
+      f"first call {t_end - t_load:.3f} s", file=sys.stderr)
 """
 
 
@@ -36,6 +43,7 @@ def fresh_process_first_output(path: Path) -> tuple[float, float, int]:
     run = subprocess.run([sys.executable, "-c", FIRST_OUTPUT, str(path)], capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t
     inside, reserved = run.stdout.split()
+    print(run.stderr.strip().splitlines()[-1], file=sys.stderr)
     return wall, float(inside), int(reserved)
 
 
