@@ -31,6 +31,7 @@ def gpu_bundle(tmp_path_factory):
 
 
 @pytest.mark.gpu
+@pytest.mark.seal
 def test_load_compiles_and_tunes_nothing(gpu_bundle):
     before = cached_kernel_count(gpu_bundle)
     assert before >= 1, "the bundle carries no compiled kernels"
