@@ -17,8 +17,9 @@ from kernl.artifacts.weights import save_weights
 from kernl.artifacts.writer import BundleWriter
 from kernl.compiler.lower import _weights as _weights  # re-exported: tests and scripts rewrite programs with it
 from kernl.compiler.lower import lower_model
-from kernl.compiler.warmup import load_program, warm_in_fresh_process, warm_up
+from kernl.compiler.warmup import warm_in_fresh_process, warm_up
 from kernl.errors import KernlError
+from kernl.runtime.load import bind_program
 
 # Keys compile_model writes into the manifest; metadata= may add others, never replace these.
 MANIFEST_KEYS = frozenset(
@@ -58,7 +59,7 @@ def compile_model(
     with BundleWriter(output_dir, overwrite=overwrite) as writer:
         program_path = writer.write_text("program.py", low.source)
         timed("warm-up")
-        forward = load_program(program_path)
+        forward = bind_program(program_path)
         checks = warm_up(
             forward,
             model,

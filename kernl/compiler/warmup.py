@@ -12,13 +12,6 @@ import torch
 from kernl.errors import KernlError
 
 
-def load_program(path: Path):
-    """exec program.py and return its forward."""
-    namespace: dict = {"__name__": "kernl_program", "__file__": str(path)}
-    exec(compile(Path(path).read_text(), str(path), "exec"), namespace)
-    return namespace["forward"]
-
-
 def _flat(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]

@@ -16,7 +16,8 @@ from kernl.runtime.bundle import Bundle
 from kernl.runtime.compat import check_kernels, resolve_device
 
 
-def _bind_program(path: Path):
+def bind_program(path: Path):
+    """exec program.py and return its forward."""
     namespace: dict = {"__name__": "kernl_program", "__file__": str(path)}
     try:
         exec(compile(path.read_text(), str(path), "exec"), namespace)
@@ -55,5 +56,5 @@ def load(
         raise BundleError(f"{manifest['weights']['file']}: no tensor {err} that the program needs") from None
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types on corrupt files
         raise BundleError(f"{manifest['weights']['file']}: unreadable ({err})") from None
-    forward = _bind_program(root / manifest["program"]["file"])
+    forward = bind_program(root / manifest["program"]["file"])
     return Bundle(manifest, forward, weights, device, cuda_graphs=cuda_graphs)
