@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kernl.kernels import attention, attention_reference
+from tests.kernels.helpers import rel_err
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -32,10 +33,6 @@ def formula(q, k, v, mask=None, causal=False, scale=None):
     weights = torch.where(visible, torch.exp(scores - row_max), 0.0)
     total = weights.sum(-1, keepdim=True)
     return torch.einsum("bhqk,bhkd->bhqd", weights / torch.where(total > 0, total, 1.0), v)
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def qkv(batch, heads_q, heads_kv, seq_q, seq_k, head_dim, dtype, device="cpu"):

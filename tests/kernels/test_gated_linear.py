@@ -4,60 +4,21 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kernl.kernels import autotune_cache, gated_linear, gated_linear_reference
+from tests.kernels.helpers import FP64_ACT, make_weight, rel_err
 
 # The module, not the function the package re-exports under the same name.
 gated_module = importlib.import_module("kernl.kernels.gated_linear")
 
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 GPU_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2}
-FP64_ACT = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "silu": F.silu,
-    "tanh": torch.tanh,
-}
 
 
 def formula(x, wg, wu, activation):
     """act(x @ Wg.T) * (x @ Wu.T) in fp64, written independently of the kernel and its reference."""
     x = x.double()
     return FP64_ACT[activation](x @ wg.double().T) * (x @ wu.double().T)
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def make_weight(out_f, in_f, dtype, device="cpu"):
-    # Scaled so that the products stay O(1) and every activation sees both signs.
-    return torch.randn(out_f, in_f, device=device).div(in_f**0.5).to(dtype)
-
-
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """torch.empty returns NaN-filled float tensors: an output element the kernel skips shows up."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
-@pytest.fixture
-def fresh_autotune():
-    """An empty decision cache for the test, the previous one restored after."""
-    saved = autotune_cache.export()
-    autotune_cache.clear()
-    yield
-    autotune_cache.clear()
-    autotune_cache.load(saved)
-    autotune_cache.set_frozen(False)
 
 
 @pytest.mark.usefixtures("poisoned_empty")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kernl.kernels import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+from tests.kernels.helpers import rel_err
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -19,10 +20,6 @@ def formula(x, w, b, eps, residual, rms, offset=0.0):
     if b is not None:
         y = y + b.double()
     return y, t
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

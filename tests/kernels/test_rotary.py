@@ -5,6 +5,7 @@ import torch
 
 from kernl.kernels import rotary, rotary_reference
 from kernl.kernels._backend import runs_triton
+from tests.kernels.helpers import rel_err
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -33,10 +34,6 @@ def formula(x, pos, rot, base=10000.0):
     theta = theta.unsqueeze(-3)  # broadcast over heads
     z = torch.complex(x[..., :half].double(), x[..., half:rot].double()) * torch.polar(torch.ones_like(theta), theta)
     return torch.cat((z.real, z.imag, x[..., rot:].double()), dim=-1)
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def qk(batch, heads_q, heads_k, seq, head_dim, dtype, device="cpu"):
