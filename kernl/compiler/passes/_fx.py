@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
@@ -124,3 +126,23 @@ def erase_unused(node: torch.fx.Node) -> None:
         n.graph.erase_node(n)
         erased.add(n)
         stack.extend(inputs)
+
+
+def fuse_add_into_norm(
+    graph: torch.fx.Graph, add: torch.fx.Node, norm_out: torch.fx.Node, target, norm_args: tuple
+) -> torch.fx.Node:
+    """norm(a + b) → target(a, b, *norm_args), which returns (normed, a + b); returns the normed node.
+
+    The call goes right after the add: the add's other users (the residual stream) may read the sum before
+    the norm. The old add and norm are left without users.
+    """
+    fused = insert_call(graph, add, target, (*add.args[:2], *norm_args), after=True)
+    fused.meta.update({k: v for k, v in norm_out.meta.items() if k != "val"})
+    with graph.inserting_after(fused):
+        total = graph.call_function(operator.getitem, (fused, 1))
+        normed = graph.call_function(operator.getitem, (fused, 0))
+    normed.meta.update(norm_out.meta)
+    total.meta.update(add.meta)
+    norm_out.replace_all_uses_with(normed)
+    add.replace_all_uses_with(total)
+    return normed

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import operator
 from collections import Counter
 
 import torch
 import torch.fx
 
 import kernl.kernels  # noqa: F401 - registers torch.ops.kernl
-from kernl.compiler.passes._fx import FLOAT_DTYPES, arg, fake, replace_with_call
+from kernl.compiler.passes._fx import FLOAT_DTYPES, arg, fake, fuse_add_into_norm, position, replace_with_call
 from kernl.compiler.passes.context import PassContext
 from kernl.kernels.layer_norm import MAX_HIDDEN
 
@@ -24,14 +23,10 @@ def _fusable_add(node: torch.fx.Node, out: torch.Tensor) -> bool:
     return a is not None and b is not None and a.shape == b.shape == out.shape and a.dtype == b.dtype == out.dtype
 
 
-def _defined_before(node: torch.fx.Node, args) -> bool:
-    """Every node in args is a graph input or comes before node, so a call after node may read it."""
-    earlier = set()
-    for n in node.graph.nodes:
-        if n is node:
-            break
-        earlier.add(n)
-    return all(not isinstance(a, torch.fx.Node) or a in earlier for a in args)
+def _computed_before(graph: torch.fx.Graph, args, anchor: torch.fx.Node) -> bool:
+    """Every node in args comes before anchor, so a call placed right after anchor may read it."""
+    order = position(graph)
+    return all(not isinstance(a, torch.fx.Node) or order[a] < order[anchor] for a in args)
 
 
 def fuse_layer_norm(ctx: PassContext) -> Counter:
@@ -49,19 +44,8 @@ def fuse_layer_norm(ctx: PassContext) -> Counter:
         hidden = xv.shape[-1]
         if not isinstance(hidden, int) or not 1 <= hidden <= MAX_HIDDEN:
             continue
-        if _fusable_add(x, xv) and _defined_before(x, (weight, bias)):
-            # Placed right after the add: its other users (the residual stream) may come before the norm.
-            with graph.inserting_after(x):
-                fused = graph.call_function(torch.ops.kernl.add_layer_norm.default, (*x.args[:2], weight, bias, eps))
-            fused.meta.update(node.meta)
-            fused.meta["val"] = (node.meta["val"], x.meta["val"])
-            with graph.inserting_after(fused):
-                normed = graph.call_function(operator.getitem, (fused, 0))
-                total = graph.call_function(operator.getitem, (fused, 1))
-            normed.meta.update(node.meta)
-            total.meta.update(x.meta)
-            node.replace_all_uses_with(normed)
-            x.replace_all_uses_with(total)  # the residual stream, where a pre-norm block reads it again
+        if _fusable_add(x, xv) and _computed_before(graph, (weight, bias), x):
+            fuse_add_into_norm(graph, x, node, torch.ops.kernl.add_layer_norm.default, (weight, bias, eps))
             graph.erase_node(node)
             graph.erase_node(x)
             report["add_layer_norm"] += 1

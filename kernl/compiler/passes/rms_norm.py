@@ -9,7 +9,6 @@ computes in fp32 and returns x's dtype.
 
 from __future__ import annotations
 
-import operator
 from collections import Counter
 
 import torch
@@ -21,6 +20,7 @@ from kernl.compiler.passes._fx import (
     arg,
     erase_unused,
     fake,
+    fuse_add_into_norm,
     insert_call,
     is_call,
     only_user,
@@ -160,18 +160,7 @@ def fuse_rms_norm(ctx: PassContext) -> Counter:
         out, (x, weight, eps, offset) = found
         order = position(graph)
         if _fusable_add(x) and order[weight] < order[x]:
-            # Right after the add: its other users (the residual stream) may read the sum before the norm.
-            fused = insert_call(
-                graph, x, torch.ops.kernl.add_rms_norm.default, (*x.args[:2], weight, eps, offset), after=True
-            )
-            fused.meta.update({k: v for k, v in out.meta.items() if k != "val"})
-            with graph.inserting_after(fused):
-                total = graph.call_function(operator.getitem, (fused, 1))
-                normed = graph.call_function(operator.getitem, (fused, 0))
-            normed.meta.update(out.meta)
-            total.meta.update(x.meta)
-            out.replace_all_uses_with(normed)
-            x.replace_all_uses_with(total)
+            fuse_add_into_norm(graph, x, out, torch.ops.kernl.add_rms_norm.default, (weight, eps, offset))
             report["add_rms_norm"] += 1
         else:
             normed = insert_call(graph, out, torch.ops.kernl.rms_norm.default, (x, weight, eps, offset))
