@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from kernl.commands.timing import median_ms
 
 SHAPES = {
     "bert": [(1, 16), (1, 128), (8, 128), (32, 256)],
@@ -55,21 +56,6 @@ def inputs_for(model, batch: int, seq: int) -> dict[str, torch.Tensor]:
         "input_ids": torch.randint(0, vocab, (batch, seq), device="cuda"),
         "attention_mask": torch.ones(batch, seq, dtype=torch.long, device="cuda"),
     }
-
-
-def time_ms(fn, reps: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def first_call_s(fn) -> float:
@@ -120,7 +106,7 @@ def run(args) -> dict:
                     target = torch.compile(model, mode=mode)
                 fn = functools.partial(target, **inputs)
                 row[f"{mode}_first_s"] = first_call_s(fn)
-                row[f"{mode}_ms"] = time_ms(fn, args.reps)
+                row[f"{mode}_ms"] = median_ms(fn, torch.device("cuda"), warmup=5, runs=args.reps)
                 print(f"{args.model} {batch}x{seq} {mode}: {row[f'{mode}_ms']:.3f} ms", flush=True)
         compiled_ms = [row[f"{m}_ms"] for m in modes if m not in ("eager", "kernl")]
         if "kernl_ms" in row and compiled_ms:
