@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -21,12 +22,19 @@ BUCKETS = [(b, s) for b in (1, 8, 32) for s in (32, 64, 128, 256)]
 FIRST_OUTPUT = """
 import time
 t0 = time.perf_counter()
-import sys, torch, kernl
+import os, sys, torch, kernl
 t_import = time.perf_counter()
 torch.cuda.init()
 t_cuda = time.perf_counter()
-bundle = kernl.load(sys.argv[1])
+if os.environ.get("KERNL_COLD_PROFILE"):
+    import cProfile, pstats
+    profiler = cProfile.Profile()
+    bundle = profiler.runcall(kernl.load, sys.argv[1])
+    pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(45)
+else:
+    bundle = kernl.load(sys.argv[1])
 t_load = time.perf_counter()
+print({k: round(v, 3) for k, v in bundle.load_timings.items()}, file=sys.stderr)
 ids = torch.randint(0, 30000, (8, 100), device="cuda")
 out = bundle(input_ids=ids).last_hidden_state
 torch.cuda.synchronize()
@@ -37,19 +45,23 @@ print(f"import {t_import - t0:.2f} s, cuda init {t_cuda - t_import:.2f} s, load+
 """
 
 
-def fresh_process_first_output(path: Path) -> tuple[float, float, int]:
+def fresh_process_first_output(path: Path, *, profile: bool = False) -> tuple[float, float, int]:
     """Wall time of the whole process, the time measured inside it, and the GPU memory it reserved."""
+    env = {**os.environ, "KERNL_COLD_PROFILE": "1"} if profile else None
     t = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", FIRST_OUTPUT, str(path)], capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", FIRST_OUTPUT, str(path)], capture_output=True, text=True, check=True, env=env
+    )
     wall = time.perf_counter() - t
     inside, reserved = run.stdout.split()
-    print(run.stderr.strip().splitlines()[-1], file=sys.stderr)
+    print(run.stderr.strip() if profile else "\n".join(run.stderr.strip().splitlines()[-2:]), file=sys.stderr)
     return wall, float(inside), int(reserved)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true", help="also print a cProfile of kernl.load")
     args = parser.parse_args()
     from transformers import BertConfig, BertModel
 
@@ -65,6 +77,8 @@ def main() -> None:
     fresh_process_first_output(twelve)  # the OS file cache warm, as on a production host after deploy
     wall, inside, mem12 = fresh_process_first_output(twelve)
     _, _, mem1 = fresh_process_first_output(one)
+    if args.profile:
+        fresh_process_first_output(twelve, profile=True)
     result = {
         "gpu": torch.cuda.get_device_name(),
         "buckets": BUCKETS,

@@ -29,9 +29,12 @@ class Bundle:
         self._outputs = manifest["outputs"]
         self._lock = threading.Lock()
         self._graphs = None
+        # Seconds spent in each step of kernl.load (verify, weights, warm-up, capture...), for diagnosis.
+        self.load_timings: dict[str, float] = {}
         if cuda_graphs and device.type == "cuda":
             inputs = [(name, getattr(torch, self._dtype_of(name))) for name in self._input_order]
             self._graphs = BucketGraphs(forward, weights, inputs, self.buckets, device)
+            self.load_timings.update(self._graphs.timings)
 
     def __repr__(self) -> str:
         return f"<kernl.Bundle {self.manifest.get('model')} on {self.device}, buckets {self.buckets}>"

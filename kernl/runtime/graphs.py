@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -27,19 +28,25 @@ class BucketGraphs:
         # pool: another BucketGraphs' pool to share, when their replays are serialised together.
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         self.entries: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple]] = {}
+        self.timings = {"warm_s": 0.0, "capture_s": 0.0}
         with torch.no_grad(), torch.cuda.device(device):
             for bucket in sorted(buckets, key=lambda b: b[0] * b[1], reverse=True):
                 static = [self._initial(name, dtype, bucket, device) for name, dtype in inputs]
+                start = time.perf_counter()
                 # Run once outside capture: kernels load (or compile) and lazy CUDA state is set up.
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
                     forward(device, *weights, *static)
                 torch.cuda.current_stream(device).wait_stream(side)
+                torch.cuda.synchronize(device)
+                warmed = time.perf_counter()
+                self.timings["warm_s"] += warmed - start
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
                     outputs = forward(device, *weights, *static)
                 self.entries[bucket] = (graph, static, tuple(outputs))
+                self.timings["capture_s"] += time.perf_counter() - warmed
         torch.cuda.synchronize(device)
 
     @staticmethod

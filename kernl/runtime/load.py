@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -42,13 +43,25 @@ def load(
     A bundle built for another GPU architecture, Triton or torch raises BundleError, or with recompile=True
     warns and compiles its kernels here.
     """
+    timings: dict[str, float] = {}
+    mark = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        timings[name] = now - mark
+        mark = now
+
     root = Path(path)
     if root.is_file():
         root = unpack(root)
+        phase("unpack_s")
     manifest = read_manifest(root, verify=verify)
+    phase("verify_s" if verify else "manifest_s")
     device = resolve_device(manifest, device)
     if device.type == "cuda" and check_kernels(manifest, device, recompile=recompile):
         use_bundle_kernels(root)
+    phase("device_s")
     try:
         tensors = load_weights(root / manifest["weights"]["file"], manifest["weights"]["aliases"], device)
         weights = [tensors[name] for name in manifest["program"]["weights"]]
@@ -56,5 +69,10 @@ def load(
         raise BundleError(f"{manifest['weights']['file']}: no tensor {err} that the program needs") from None
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types on corrupt files
         raise BundleError(f"{manifest['weights']['file']}: unreadable ({err})") from None
+    phase("weights_s")
     forward = bind_program(root / manifest["program"]["file"])
-    return Bundle(manifest, forward, weights, device, cuda_graphs=cuda_graphs)
+    phase("bind_s")
+    bundle = Bundle(manifest, forward, weights, device, cuda_graphs=cuda_graphs)
+    phase("graphs_s")
+    bundle.load_timings = {**timings, **bundle.load_timings}
+    return bundle

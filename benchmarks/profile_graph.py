@@ -1,0 +1,78 @@
+"""What one bundle call runs on the GPU: the kernels of the captured graph, their time, and the gaps.
+
+python benchmarks/profile_graph.py --model bert --shape 1x128 [--layers N] [--trace trace.json]
+
+Builds a one-bucket bundle, then profiles graph replays with the torch profiler. Prints each kernel name
+with its launches and GPU time per call, the sum of kernel time against the replay's wall time (the gap is
+launch latency and idle), and the full call (input checks, padding, output copy) against the bare replay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from e2e import build_model, inputs_for  # noqa: E402
+
+from kernl.commands.timing import median_ms  # noqa: E402
+
+
+def kernel_table(bundle, bucket: tuple[int, int], calls: int) -> tuple[list[tuple[str, int, float]], float, object]:
+    """(kernel name, launches per call, µs per call) sorted by time, and the summed kernel µs per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs = bundle._graphs
+    for _ in range(3):
+        graphs.replay(bucket)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            graphs.replay(bucket)
+        torch.cuda.synchronize()
+    launches: dict[str, int] = collections.Counter()
+    micros: dict[str, float] = collections.defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time > 0:
+            launches[event.name] += 1
+            micros[event.name] += event.device_time
+    rows = sorted(((n, launches[n] // calls, micros[n] / calls) for n in launches), key=lambda r: -r[2])
+    return rows, sum(r[2] for r in rows), prof
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="bert")
+    parser.add_argument("--shape", default="1x128")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--trace", type=Path, default=None, help="write a Chrome trace of the profiled replays")
+    args = parser.parse_args()
+    import kernl
+
+    batch, seq = map(int, args.shape.split("x"))
+    model = build_model(args.model, args.layers)
+    path = kernl.compile(model, Path(tempfile.mkdtemp()) / "bundle", buckets=[(batch, seq)], dtype=torch.float16)
+    bundle = kernl.load(path)
+    inputs = inputs_for(model, batch, seq)
+    device = torch.device("cuda")
+    with torch.inference_mode():
+        call_ms = median_ms(lambda: bundle(**inputs), device, warmup=10, runs=200)
+        replay_ms = median_ms(lambda: bundle._graphs.replay((batch, seq)), device, warmup=10, runs=200)
+        rows, kernel_us, prof = kernel_table(bundle, (batch, seq), args.calls)
+    if args.trace:
+        prof.export_chrome_trace(str(args.trace))
+    print(f"{args.model} {args.shape}: full call {call_ms * 1e3:.1f} µs, bare replay {replay_ms * 1e3:.1f} µs, ")
+    print(f"kernels {sum(r[1] for r in rows)} per call, summed kernel time {kernel_us:.1f} µs")
+    print(f"{'µs/call':>8} {'n':>4}  kernel")
+    for name, count, us in rows:
+        print(f"{us:8.1f} {count:4d}  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
