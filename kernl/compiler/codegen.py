@@ -1,4 +1,8 @@
-"""Emit the rewritten graph as program.py: plain Python over torch.ops.aten.* and torch.ops.kernl.*."""
+"""Emit the rewritten graph as program.py: plain Python over torch.ops.aten.* and kernl's kernels.
+
+The graph's torch.ops.kernl.* calls are written as kernl_ops.* (kernl.kernels.direct): the same functions
+without the custom-op dispatcher, whose first call would import torch._dynamo at load.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ Rewrites: {report}
 
 import torch
 
-import kernl.kernels  # noqa: F401 - registers torch.ops.kernl
+from kernl.kernels import direct as kernl_ops
 
 '''
 
@@ -76,13 +80,14 @@ def program_source(gm: torch.fx.GraphModule, *, model_name: str, version: str, o
         body,
         count=1,
     )
+    body = re.sub(r"torch\.ops\.kernl\.(\w+)\.default\(", r"kernl_ops.\1(", body)
     lines = []
     kernl_nodes = {n.name: n for n in gm.graph.nodes if str(n.target).startswith("kernl.")}
     for line in body.splitlines():
-        m = re.match(r"\s+(\w+) = torch\.ops\.kernl\.", line)
+        m = re.match(r"\s+(\w+) = kernl_ops\.", line)
         where = _module_path(kernl_nodes[m.group(1)]) if m and m.group(1) in kernl_nodes else None
         lines.append(f"{line}  # {where}" if where else line)
-    local_names = {n.name for n in gm.graph.nodes} | {"torch"}
+    local_names = {n.name for n in gm.graph.nodes} | {"torch", "kernl_ops"}
     used = {
         name: value
         for name, value in code.globals.items()

@@ -289,7 +289,9 @@ def launch_attention(
     """Run the kernel on checked inputs; mask already broadcastable to [batch, heads_q, seq_q, seq_k]."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
-    out = torch.empty((batch, heads_q, seq_q, head_dim), dtype=q.dtype, device=q.device)
+    # Stored [batch, seq, heads, head_dim]: the usual transpose(1, 2).reshape(batch, seq, -1) that follows
+    # is then a view, not a copy kernel.
+    out = torch.empty((batch, seq_q, heads_q, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
     if out.numel() == 0:
         return out
     cfg = config or attention_config(head_dim, seq_q, batch * heads_q, q.dtype, q.device)

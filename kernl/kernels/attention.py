@@ -83,23 +83,27 @@ def attention(
     mask: additive (float) or boolean (True keeps the key), broadcastable to [batch, heads_q, seq_q, seq_k],
     e.g. [batch, 1, 1, seq_k] padding or [batch, 1, seq_q, seq_k]; never expanded in memory.
     causal: query i sees keys j <= i + seq_k - seq_q (bottom-right aligned). scale: default head_dim ** -0.5.
-    Returns a new contiguous [batch, heads_q, seq_q, head_dim] tensor in q's dtype; a row with every key
-    masked comes out as zeros.
+    Returns a new [batch, heads_q, seq_q, head_dim] tensor in q's dtype, stored as [batch, seq_q, heads_q,
+    head_dim] (out.transpose(1, 2) is contiguous); a row with every key masked comes out as zeros.
     """
     check_attention_args(q, k, v, mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not runs_triton(q):
-        return attention_reference(q, k, v, mask=mask, causal=causal, scale=scale)
+        out = attention_reference(q, k, v, mask=mask, causal=causal, scale=scale)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # the kernel's layout
     return launch_attention(q, k, v, mask, causal, scale)
 
 
-@torch.library.custom_op("kernl::attention", mutates_args=())
-def attention_op(
+def attention_call(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float | None
 ) -> torch.Tensor:
     return attention(q, k, v, mask=mask, causal=causal, scale=scale)
 
 
+attention_op = torch.library.custom_op("kernl::attention", attention_call, mutates_args=())
+
+
 @attention_op.register_fake
 def _(q, k, v, mask, causal, scale):
-    return q.new_empty(q.shape)
+    batch, heads, seq, head_dim = q.shape
+    return q.new_empty((batch, seq, heads, head_dim)).transpose(1, 2)

@@ -185,11 +185,13 @@ def gated_linear(
     return y
 
 
-@torch.library.custom_op("kernl::gated_linear", mutates_args=())
-def gated_linear_op(
+def gated_linear_call(
     x: torch.Tensor, weight_gate: torch.Tensor, weight_up: torch.Tensor, activation: str
 ) -> torch.Tensor:
     return gated_linear(x, weight_gate, weight_up, activation=activation)
+
+
+gated_linear_op = torch.library.custom_op("kernl::gated_linear", gated_linear_call, mutates_args=())
 
 
 @gated_linear_op.register_fake

@@ -70,9 +70,13 @@ def layer_norm(
     return y if residual is None else (y, total)
 
 
-@torch.library.custom_op("kernl::layer_norm", mutates_args=())
-def layer_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+def layer_norm_call(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
     return layer_norm(x, weight, bias, eps)
+
+
+layer_norm_op = torch.library.custom_op("kernl::layer_norm", layer_norm_call, mutates_args=())
 
 
 @layer_norm_op.register_fake
@@ -80,11 +84,13 @@ def _(x, weight, bias, eps):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("kernl::add_layer_norm", mutates_args=())
-def add_layer_norm_op(
+def add_layer_norm_call(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return layer_norm(x, weight, bias, eps, residual=residual)
+
+
+add_layer_norm_op = torch.library.custom_op("kernl::add_layer_norm", add_layer_norm_call, mutates_args=())
 
 
 @add_layer_norm_op.register_fake

@@ -264,8 +264,7 @@ def linear(
     return y
 
 
-@torch.library.custom_op("kernl::linear", mutates_args=())
-def linear_op(
+def linear_call(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -274,6 +273,9 @@ def linear_op(
     weight_transposed: bool,
 ) -> torch.Tensor:
     return linear(x, weight, bias, activation=activation, residual=residual, weight_transposed=weight_transposed)
+
+
+linear_op = torch.library.custom_op("kernl::linear", linear_call, mutates_args=())
 
 
 @linear_op.register_fake

@@ -49,9 +49,11 @@ def rms_norm(
     return y if residual is None else (y, total)
 
 
-@torch.library.custom_op("kernl::rms_norm", mutates_args=())
-def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
+def rms_norm_call(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
     return rms_norm(x, weight, eps, weight_offset=weight_offset)
+
+
+rms_norm_op = torch.library.custom_op("kernl::rms_norm", rms_norm_call, mutates_args=())
 
 
 @rms_norm_op.register_fake
@@ -59,11 +61,13 @@ def _(x, weight, eps, weight_offset=0.0):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("kernl::add_rms_norm", mutates_args=())
-def add_rms_norm_op(
+def add_rms_norm_call(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return rms_norm(x, weight, eps, residual=residual, weight_offset=weight_offset)
+
+
+add_rms_norm_op = torch.library.custom_op("kernl::add_rms_norm", add_rms_norm_call, mutates_args=())
 
 
 @add_rms_norm_op.register_fake

@@ -71,11 +71,13 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return q_out, k_out
 
 
-@torch.library.custom_op("kernl::rotary", mutates_args=())
-def rotary_op(
+def rotary_call(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return rotary(q, k, cos, sin)
+
+
+rotary_op = torch.library.custom_op("kernl::rotary", rotary_call, mutates_args=())
 
 
 @rotary_op.register_fake

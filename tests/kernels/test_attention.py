@@ -51,7 +51,9 @@ def padding_mask(batch, seq_k, dtype, device="cpu", fill=float("-inf")):
 
 
 def check(out, q, k, v, tol, **kwargs):
-    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    assert out.shape == q.shape and out.dtype == q.dtype
+    # Stored [batch, seq, heads, head_dim], so that merging the heads afterwards is a view.
+    assert out.transpose(1, 2).is_contiguous()
     assert torch.isfinite(out).all()
     assert rel_err(out, attention_reference(q, k, v, **kwargs)) < tol
     assert rel_err(out, formula(q, k, v, **kwargs)) < tol

@@ -1,0 +1,16 @@
+"""torch.ops.kernl.* as plain calls, under the ops' own names: what a bundle's program.py runs.
+
+Same arguments and results as the registered ops, without the custom-op dispatcher: its first call imports
+torch._dynamo, which costs 1-5 s of a fresh process's start.
+"""
+
+from kernl.kernels.attention import attention_call as attention
+from kernl.kernels.gated_linear import gated_linear_call as gated_linear
+from kernl.kernels.layer_norm import add_layer_norm_call as add_layer_norm
+from kernl.kernels.layer_norm import layer_norm_call as layer_norm
+from kernl.kernels.linear import linear_call as linear
+from kernl.kernels.rms_norm import add_rms_norm_call as add_rms_norm
+from kernl.kernels.rms_norm import rms_norm_call as rms_norm
+from kernl.kernels.rotary import rotary_call as rotary
+
+__all__ = ["add_layer_norm", "add_rms_norm", "attention", "gated_linear", "layer_norm", "linear", "rms_norm", "rotary"]
