@@ -10,6 +10,7 @@ import torch
 from torch.export.graph_signature import InputKind
 
 from kernl.compiler.codegen import bind_device, program_source
+from kernl.compiler.hoist import hoist_invariants
 from kernl.compiler.inputs import InputSpec, example_inputs_for, input_specs
 from kernl.compiler.outputs import output_layout, output_names
 from kernl.compiler.passes import run_passes
@@ -131,7 +132,10 @@ def lower_model(
     weight_names = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name in weights]
     from kernl import __version__
 
-    source = program_source(gm, model_name=type(model).__name__, version=__version__, outputs=names, report=report)
+    hoisted = hoist_invariants(gm, set(weight_names) | {"target_device"})
+    source = program_source(
+        gm, model_name=type(model).__name__, version=__version__, outputs=names, report=report, invariants=hoisted
+    )
     return Lowered(
         model=model,
         source=source,
