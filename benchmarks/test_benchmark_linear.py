@@ -44,6 +44,17 @@ def test_benchmark_linear_gelu_residual(measure, benchmark, implementation, m, k
 
 
 @pytest.mark.parametrize("implementation", ["kernl", "torch"])
+@pytest.mark.parametrize("k, n", [(768, 768), (3072, 768)])
+def test_benchmark_linear_bias_bert(measure, benchmark, implementation, k, n):
+    # BERT-base at batch 1 x seq 128: few output tiles and a long K walk, where split-K pays.
+    m = 128
+    benchmark.group = f"linear+bias m={m} {k}->{n}"
+    x, w, b = torch.randn(m, k, device="cuda", dtype=DTYPE), _weight(n, k), torch.randn(n, device="cuda", dtype=DTYPE)
+    fn = _pick(implementation, lambda: linear(x, w, b), lambda: F.linear(x, w, b))
+    measure(fn, flops=2 * m * n * k, bytes_moved=(m * k + n * k + n + m * n) * x.element_size())
+
+
+@pytest.mark.parametrize("implementation", ["kernl", "torch"])
 @pytest.mark.parametrize("m, n, k", [(4096, 4096, 4096), (8192, 4096, 4096)])
 def test_benchmark_linear_large_gemm(measure, benchmark, implementation, m, n, k):
     benchmark.group = f"linear {m}x{k}->{n}"

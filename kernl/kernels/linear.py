@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from kernl.kernels import autotune_cache
 from kernl.kernels._backend import HAS_TRITON, check_tensor, runs_triton
 from kernl.kernels._gemm import check_activation, fit_configs, torch_activation
+from kernl.kernels._split_k import split_k_configs
 
 # Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per M bucket, best guess first.
 # Small M streams the weight: wide-K tiles, and narrow N tiles so that even N=768 makes enough
@@ -35,13 +36,15 @@ def linear_configs(m_bucket: int, n: int, k: int, elem_size: int, heavy_epilogue
 
     heavy_epilogue: an activation or a residual; its temporaries need registers, so the accumulator
     gets half as many per thread (more warps, or the config goes).
+    Split-K variants (a SPLIT_K key) follow the plain configs where few tiles would leave SMs idle.
     """
     table = next(rows for limit, rows in _CONFIGS_BY_M if limit is None or m_bucket <= limit)
     if m_bucket <= 16 and n > 2048:
         # Enough 64-wide column tiles to fill the GPU: prefer them over the 32-wide default.
         table = [table[1], table[0], *table[2:]]
     max_acc = 64 if heavy_epilogue else 128
-    return fit_configs(table, m_bucket=m_bucket, n=n, k=k, elem_size=elem_size, max_acc_per_thread=max_acc)
+    configs = fit_configs(table, m_bucket=m_bucket, n=n, k=k, elem_size=elem_size, max_acc_per_thread=max_acc)
+    return configs + split_k_configs(configs, m_bucket=m_bucket, n=n, k=k)
 
 
 if HAS_TRITON:
@@ -49,6 +52,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from kernl.kernels._gemm import apply_activation, grouped_tile
+    from kernl.kernels._split_k import launch_split_k
 
     @triton.jit
     def linear_kernel(
@@ -143,6 +147,11 @@ if HAS_TRITON:
         )
 
         def run(config: dict[str, int]) -> None:
+            if config.get("SPLIT_K", 1) > 1:
+                launch_split_k(x2, weight, stride_wn, stride_wk, bias, r2, y2, act, config)
+                return
+            if "SPLIT_K" in config:  # SPLIT_K=1 is the plain kernel, which takes no such argument
+                config = {name: value for name, value in config.items() if name != "SPLIT_K"}
             # One program per output tile (plain ints: triton.cdiv costs microseconds per launch).
             grid = (-(-m // config["BLOCK_M"]) * -(-n // config["BLOCK_N"]),)
             linear_kernel[grid](

@@ -1,6 +1,7 @@
 """linear against its reference and an independent fp64 formula: odd shapes, every activation and layout."""
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -109,6 +110,87 @@ def test_linear_custom_op_and_fake():
         assert out.shape == (3, 7, 48) and out.dtype == torch.float16
 
 
+# --- split-K --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_config(monkeypatch, fresh_autotune):
+    """linear() with one given config: the only candidate, run untimed and unrecorded (frozen)."""
+    autotune_cache.set_frozen(True)
+
+    def run(config, *args, **kwargs):
+        monkeypatch.setattr(linear_module, "linear_configs", lambda *_: [config])
+        return linear(*args, **kwargs)
+
+    return run
+
+
+def split_config(split_k, **tile):
+    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_K=split_k) | tile
+
+
+@pytest.mark.usefixtures("poisoned_empty")  # NaN workspace too: a partial tile a split skips shows up
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("split_k", [2, 4])  # K=72: a masked tail; at 4 splits the last one is empty
+@pytest.mark.parametrize(
+    "with_bias, activation, with_residual", [(False, None, False), (True, None, False), (True, "gelu_tanh", True)]
+)
+def test_split_k_matches_reference(run_config, dtype, split_k, with_bias, activation, with_residual):
+    x = make((37, 100), dtype)[:, 8:80]  # 37 rows: a partial row block; rows 100 apart
+    w = make_weight(40, 72, dtype)
+    b = make(40, dtype) if with_bias else None
+    r = make((37, 40), dtype) if with_residual else None
+    y = run_config(split_config(split_k), x, w, b, activation=activation, residual=r)
+    assert rel_err(y, linear_reference(x, w, b, activation=activation, residual=r)) < TOL[dtype]
+    assert rel_err(y, formula(x, w, b, activation, r)) < TOL[dtype]
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_k_reads_conv1d_weight_and_3d_input(run_config, dtype):
+    x, w_t, b, r = make((2, 5, 96), dtype), make_weight(96, 24, dtype), make(24, dtype), make((2, 5, 24), dtype)
+    config = split_config(2, BLOCK_N=32, BLOCK_K=32)  # K=96 in 3 steps: an even split would need 4
+    y = run_config(config, x, w_t, b, activation="silu", residual=r, weight_transposed=True)
+    assert rel_err(y, formula(x, w_t, b, "silu", r, transposed=True)) < TOL[dtype]
+
+
+def test_split_k_candidates_follow_the_plain_configs():
+    configs = linear_module.linear_configs(128, 768, 3072, 2, False)
+    assert configs[0].get("SPLIT_K", 1) == 1
+    split = [c for c in configs if c.get("SPLIT_K", 1) > 1]
+    assert 1 <= len(split) <= 4 and configs[-len(split) :] == split
+    for c in split:
+        assert c["SPLIT_K"] in (2, 4, 8) and -(-3072 // c["BLOCK_K"]) >= 2 * c["SPLIT_K"]
+    # Large M fills the GPU with tiles, short K has little to split: plain configs only.
+    for m_bucket, k in [(512, 3072), (128, 768)]:
+        assert all("SPLIT_K" not in c for c in linear_module.linear_configs(m_bucket, 768, k, 2, False))
+
+
+@pytest.mark.usefixtures("fresh_autotune")
+def test_split_k_decision_survives_export_and_load(monkeypatch):
+    # A bundle stores the decision as JSON; loaded and frozen, it runs split-K again.
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors run Triton only when interpreted
+    x, w, b = make((9, 64), torch.float32, dev), make_weight(24, 64, torch.float32, dev), make(24, torch.float32, dev)
+    monkeypatch.setattr(linear_module, "linear_configs", lambda *_: [split_config(2)])
+    linear(x, w, b)  # the only candidate is recorded
+    saved = json.loads(json.dumps(autotune_cache.export()))
+    assert [e["config"]["SPLIT_K"] for e in saved["entries"]] == [2]
+    monkeypatch.undo()
+    autotune_cache.clear()
+    autotune_cache.load(saved)
+    autotune_cache.set_frozen(True)
+    calls = []
+    real_launch = linear_module.launch_split_k
+
+    def launch(*args):
+        calls.append(args[-1])
+        real_launch(*args)
+
+    monkeypatch.setattr(linear_module, "launch_split_k", launch)
+    y = linear(x, w, b)
+    assert len(calls) == 1 and rel_err(y, formula(x, w, b)) < TOL[torch.float32]
+
+
 def _args(**overrides):
     args = dict(x=torch.randn(4, 8), weight=torch.randn(5, 8), bias=None, activation=None, residual=None)
     args.update(overrides)
@@ -189,6 +271,23 @@ def test_every_linear_candidate_runs_and_is_right_on_gpu(monkeypatch, dtype, m, 
         y = linear(x, w, b, activation=activation, residual=r)
         assert rel_err(y, want) < GPU_TOL[dtype], config
         monkeypatch.undo()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("epilogue", ["bias", "gelu_residual"])
+def test_every_split_k_candidate_is_right_on_gpu(run_config, epilogue):
+    # BERT's FFN down projection at 128 tokens: few tiles, long K, the case split-K is for.
+    m, k, n, dtype = 128, 3072, 768, torch.float16
+    x, w, b = make((m, k), dtype, "cuda"), make_weight(n, k, dtype, "cuda"), make(n, dtype, "cuda")
+    activation, r = ("gelu", make((m, n), dtype, "cuda")) if epilogue == "gelu_residual" else (None, None)
+    r32 = r.float() if r is not None else None
+    want = linear_reference(x.float(), w.float(), b.float(), activation=activation, residual=r32)
+    heavy_epilogue = epilogue != "bias"
+    split = [c for c in linear_module.linear_configs(128, n, k, 2, heavy_epilogue) if c.get("SPLIT_K", 1) > 1]
+    assert split
+    for config in split:
+        y = run_config(config, x, w, b, activation=activation, residual=r)
+        assert rel_err(y, want) < GPU_TOL[dtype], config
 
 
 @pytest.mark.gpu
