@@ -12,6 +12,9 @@ from kernl.kernels._backend import HAS_TRITON, check_tensor, runs_triton
 from kernl.kernels._gemm import check_activation, fit_configs, torch_activation
 from kernl.kernels._split_k import split_k_configs
 
+# The config key that selects cuBLAS instead of a Triton tile config.
+CUBLAS = "CUBLAS"
+
 # Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per M bucket, best guess first.
 # Small M streams the weight: wide-K tiles, and narrow N tiles so that even N=768 makes enough
 # programs to keep every SM loading. Mid M needs small tiles too (M=128, N=768 is 12 programs of
@@ -44,7 +47,11 @@ def linear_configs(m_bucket: int, n: int, k: int, elem_size: int, heavy_epilogue
         table = [table[1], table[0], *table[2:]]
     max_acc = 64 if heavy_epilogue else 128
     configs = fit_configs(table, m_bucket=m_bucket, n=n, k=k, elem_size=elem_size, max_acc_per_thread=max_acc)
-    return configs + split_k_configs(configs, m_bucket=m_bucket, n=n, k=k)
+    # cuBLAS (with the epilogue as torch ops) competes too: at large M its TMA/wgmma GEMM is ahead of
+    # this kernel, and the tuner keeps it only where it is faster. Half precision only: kernl never
+    # lets fp32 run as TF32, which cuBLAS may under torch's global matmul settings.
+    cublas = [{CUBLAS: 1}] if elem_size == 2 else []
+    return configs + split_k_configs(configs, m_bucket=m_bucket, n=n, k=k) + cublas
 
 
 if HAS_TRITON:
@@ -147,6 +154,9 @@ if HAS_TRITON:
         )
 
         def run(config: dict[str, int]) -> None:
+            if config.get(CUBLAS):
+                cublas_linear(x2, weight, weight_transposed, bias, r2, y2, act)
+                return
             if config.get("SPLIT_K", 1) > 1:
                 launch_split_k(x2, weight, stride_wn, stride_wk, bias, r2, y2, act, config)
                 return
@@ -182,6 +192,28 @@ if HAS_TRITON:
         heavy_epilogue = act != "none" or r2 is not None
         candidates = linear_configs(key[1], n, k, x2.element_size(), heavy_epilogue)
         run(autotune_cache.tune("linear", key, candidates, run, benchmark=x2.is_cuda))
+
+
+def cublas_linear(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    weight_transposed: bool,
+    bias: torch.Tensor | None,
+    r2: torch.Tensor | None,
+    y2: torch.Tensor,
+    activation: str,
+) -> None:
+    """y2 = act(x2 @ W^T + bias) + r2 through torch: one cuBLAS(Lt) GEMM with the bias fused, and the
+    activation and residual as separate element-wise kernels (the tuner counts their cost)."""
+    w = weight if weight_transposed else weight.t()  # [K, N]
+    if bias is not None:
+        torch.addmm(bias, x2, w, out=y2)
+    else:
+        torch.mm(x2, w, out=y2)
+    if activation != "none":
+        y2.copy_(torch_activation(y2, activation))
+    if r2 is not None:
+        y2.add_(r2)
 
 
 def _out_features(weight: torch.Tensor, weight_transposed: bool) -> int:

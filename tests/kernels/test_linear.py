@@ -158,7 +158,8 @@ def test_split_k_candidates_follow_the_plain_configs():
     configs = linear_module.linear_configs(128, 768, 3072, 2, False)
     assert configs[0].get("SPLIT_K", 1) == 1
     split = [c for c in configs if c.get("SPLIT_K", 1) > 1]
-    assert 1 <= len(split) <= 4 and configs[-len(split) :] == split
+    assert 1 <= len(split) <= 4 and configs[-len(split) - 1 : -1] == split
+    assert configs[-1] == {linear_module.CUBLAS: 1}  # cuBLAS competes last
     for c in split:
         assert c["SPLIT_K"] in (2, 4, 8) and -(-3072 // c["BLOCK_K"]) >= 2 * c["SPLIT_K"]
     # Large M fills the GPU with tiles, short K has little to split: plain configs only.
@@ -300,3 +301,23 @@ def test_linear_tunes_once_per_key_on_gpu():
     assert first["tunings"] == 1 and first["benchmarks_run"] >= 2 and first["failed_candidates"] == 0
     linear(make((120, 768), torch.float16, "cuda"), w)  # same M bucket (128): no new tuning
     assert autotune_cache.stats()["benchmarks_run"] == first["benchmarks_run"]
+
+
+def test_cublas_candidate_only_for_half_precision():
+    assert {linear_module.CUBLAS: 1} in linear_module.linear_configs(4096, 768, 768, 2, True)
+    assert all(linear_module.CUBLAS not in c for c in linear_module.linear_configs(4096, 768, 768, 4, True))
+
+
+@pytest.mark.parametrize(
+    "with_bias, activation, with_residual, transposed",
+    [(False, None, False, False), (True, None, False, False), (True, "gelu", True, False), (True, "silu", False, True)],
+)
+def test_cublas_candidate_matches_reference(run_config, with_bias, activation, with_residual, transposed):
+    # fp32 on CPU runs the same torch calls as fp16 on a GPU: the epilogue order is what is checked.
+    x = make((2, 7, 48), torch.float32)
+    w = make_weight(48, 40, torch.float32) if transposed else make_weight(40, 48, torch.float32)
+    b = make(40, torch.float32) if with_bias else None
+    r = make((2, 7, 40), torch.float32) if with_residual else None
+    y = run_config({linear_module.CUBLAS: 1}, x, w, b, activation=activation, residual=r, weight_transposed=transposed)
+    want = formula(x, w, b, activation, r, transposed=transposed)
+    assert rel_err(y, want) < TOL[torch.float32]
