@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 
 import torch
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One stream for every warm-up and capture on a device: cuBLAS keeps a workspace per stream (tens of
+    MB on Hopper), so a fresh stream per bucket would cost one workspace each."""
+    return torch.cuda.Stream(device)
 
 
 class BucketGraphs:
@@ -34,7 +42,7 @@ class BucketGraphs:
                 static = [self._initial(name, dtype, bucket, device) for name, dtype in inputs]
                 start = time.perf_counter()
                 # Run once outside capture: kernels load (or compile) and lazy CUDA state is set up.
-                side = torch.cuda.Stream(device)
+                side = _side_stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
                     forward(device, *weights, *static)
@@ -43,7 +51,7 @@ class BucketGraphs:
                 warmed = time.perf_counter()
                 self.timings["warm_s"] += warmed - start
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
+                with torch.cuda.graph(graph, pool=self.pool, stream=side):
                     outputs = forward(device, *weights, *static)
                 self.entries[bucket] = (graph, static, tuple(outputs))
                 self.timings["capture_s"] += time.perf_counter() - warmed
