@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +15,23 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     """One stream for every warm-up and capture on a device: cuBLAS keeps a workspace per stream (tens of
     MB on Hopper), so a fresh stream per bucket would cost one workspace each."""
     return torch.cuda.Stream(device)
+
+
+@contextlib.contextmanager
+def _own_cublas_workspace():
+    """Make a capture allocate its cuBLAS workspace inside the graph's pool.
+
+    torch caches one cuBLAS workspace per stream and frees them all whenever anything clears them (torch.compile's
+    CUDA graphs do, before each capture). A graph that recorded a cached workspace would then replay into freed
+    memory. Cleared before the capture, the workspace is allocated in the pool the graph owns; cleared after, no
+    eager call borrows it.
+    """
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)
+    clear()
+    try:
+        yield
+    finally:
+        clear()
 
 
 class BucketGraphs:
@@ -51,7 +69,7 @@ class BucketGraphs:
                 warmed = time.perf_counter()
                 self.timings["warm_s"] += warmed - start
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=side):
+                with _own_cublas_workspace(), torch.cuda.graph(graph, pool=self.pool, stream=side):
                     outputs = forward(device, *weights, *static)
                 self.entries[bucket] = (graph, static, tuple(outputs))
                 self.timings["capture_s"] += time.perf_counter() - warmed

@@ -77,3 +77,34 @@ def test_twelve_buckets_cost_about_one(cuda_bundle, tmp_path):
     print(f"reserved: 1 bucket {one / 2**20:.1f} MiB, 12 buckets {twelve / 2**20:.1f} MiB")
     # Separate pools would cost the sum of all twelve buckets' activations; one pool costs about the largest.
     assert twelve <= 1.5 * one + 8 * 2**20
+
+
+@pytest.mark.gpu
+def test_graphs_survive_torch_clearing_cublas_workspaces(tmp_path, monkeypatch):
+    # Every linear on cuBLAS; then torch frees its cached workspaces (torch.compile's CUDA graphs do) and the
+    # memory is reused: graphs that had recorded a shared workspace would replay into someone else's tensor.
+    from kernl.kernels import autotune_cache
+    from kernl.kernels import linear as linear_module
+
+    monkeypatch.setattr(linear_module, "linear_configs", lambda *args: [{linear_module.CUBLAS: 1}])
+    saved = autotune_cache.export()
+    autotune_cache.clear()
+    try:
+        model = tiny_bert(hidden_size=256, intermediate_size=1024)
+        path = kernl.compile(model, tmp_path / "bert", buckets=[(8, 64)], device="cuda", dtype=torch.float16)
+        graphs, eager = kernl.load(path), kernl.load(path, cuda_graphs=False)
+        inputs = _cuda(token_inputs(8, 64))
+        want = eager(**inputs).last_hidden_state
+        torch._C._cuda_clearCublasWorkspaces()
+        torch.cuda.empty_cache()
+        clutter = [torch.full((1 << 22,), float("nan"), device="cuda") for _ in range(32)]  # 512 MB of NaN
+        for _ in range(3):
+            got = graphs(**inputs).last_hidden_state
+            torch.cuda.synchronize()
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+        del clutter
+    finally:
+        autotune_cache.clear()
+        autotune_cache.load(saved)
+        autotune_cache.set_frozen(False)
