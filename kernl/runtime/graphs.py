@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -17,21 +16,15 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
-@contextlib.contextmanager
-def _own_cublas_workspace():
-    """Make a capture allocate its cuBLAS workspace inside the graph's pool.
+def _own_cublas_workspace() -> None:
+    """Make the next capture allocate its cuBLAS workspace inside the graph's pool.
 
     torch caches one cuBLAS workspace per stream and frees them all whenever anything clears them (torch.compile's
-    CUDA graphs do, before each capture). A graph that recorded a cached workspace would then replay into freed
-    memory. Cleared before the capture, the workspace is allocated in the pool the graph owns; cleared after, no
-    eager call borrows it.
+    CUDA graphs do, before each capture). A graph that recorded a workspace from the default pool would then replay
+    into freed memory. Cleared just before the capture, the workspace comes from the pool the graphs own; it stays
+    the side stream's workspace afterwards, so the next bucket's warm-up reuses it instead of allocating another.
     """
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)
-    clear()
-    try:
-        yield
-    finally:
-        clear()
+    getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()
 
 
 class BucketGraphs:
@@ -69,7 +62,8 @@ class BucketGraphs:
                 warmed = time.perf_counter()
                 self.timings["warm_s"] += warmed - start
                 graph = torch.cuda.CUDAGraph()
-                with _own_cublas_workspace(), torch.cuda.graph(graph, pool=self.pool, stream=side):
+                _own_cublas_workspace()
+                with torch.cuda.graph(graph, pool=self.pool, stream=side):
                     outputs = forward(device, *weights, *static)
                 self.entries[bucket] = (graph, static, tuple(outputs))
                 self.timings["capture_s"] += time.perf_counter() - warmed
