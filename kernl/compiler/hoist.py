@@ -105,7 +105,7 @@ def hoist_invariants(gm: torch.fx.GraphModule, constant_inputs: set[str]) -> tor
     sub.output(tuple(env[n] for n in frontier))
 
     # Shape values first, so that the call can sit before every consumer of what it returns.
-    last = max((n for n in graph.nodes if n.op == "placeholder"), key=_order(graph))
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
     for node in [n for n in graph.nodes if n in shapes]:
         last.append(node)
         last = node
@@ -122,11 +122,6 @@ def hoist_invariants(gm: torch.fx.GraphModule, constant_inputs: set[str]) -> tor
     graph.lint()
     gm.recompile()
     return torch.fx.GraphModule(gm, sub)
-
-
-def _order(graph: torch.fx.Graph):
-    position = {n: i for i, n in enumerate(graph.nodes)}
-    return position.__getitem__
 
 
 def invariants(*args):
