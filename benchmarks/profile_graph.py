@@ -45,6 +45,34 @@ def kernel_table(bundle, bucket: tuple[int, int], calls: int) -> tuple[list[tupl
     return rows, sum(r[2] for r in rows), prof
 
 
+def host_breakdown(bundle, inputs: dict[str, torch.Tensor], bucket: tuple[int, int], calls: int = 200) -> dict:
+    """Host µs per call of each step of Bundle.__call__, each timed alone with the device idle before it."""
+    import time
+
+    from kernl.runtime.dispatch import check_inputs, pad_into
+
+    graphs = bundle._graphs
+    static = graphs.static_inputs(bucket)
+    outs = graphs.replay(bucket)
+    steps = {
+        "check_inputs": lambda: check_inputs(inputs, bundle._inputs, bundle.buckets),
+        "input copies": lambda: [pad_into(d, inputs[n], is_mask=False) for n, d in zip(bundle._input_order, static)],
+        "graph launch": lambda: graphs.replay(bucket),
+        "output copies": lambda: [o.clone() for o in outs],
+        "whole call": lambda: bundle(**inputs),
+    }
+    micros = {}
+    for name, step in steps.items():
+        total = 0.0
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            step()
+            total += time.perf_counter() - t
+        micros[name] = total / calls * 1e6
+    return micros
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bert")
@@ -65,10 +93,12 @@ def main() -> None:
         call_ms = median_ms(lambda: bundle(**inputs), device, warmup=10, runs=200)
         replay_ms = median_ms(lambda: bundle._graphs.replay((batch, seq)), device, warmup=10, runs=200)
         rows, kernel_us, prof = kernel_table(bundle, (batch, seq), args.calls)
+        host = host_breakdown(bundle, inputs, (batch, seq))
     if args.trace:
         prof.export_chrome_trace(str(args.trace))
     print(f"{args.model} {args.shape}: full call {call_ms * 1e3:.1f} µs, bare replay {replay_ms * 1e3:.1f} µs, ")
     print(f"kernels {sum(r[1] for r in rows)} per call, summed kernel time {kernel_us:.1f} µs")
+    print("host µs per call: " + ", ".join(f"{k} {v:.1f}" for k, v in host.items()))
     print(f"{'µs/call':>8} {'n':>4}  kernel")
     for name, count, us in rows:
         print(f"{us:8.1f} {count:4d}  {name[:110]}")
