@@ -8,6 +8,8 @@ graph, not the ~9 µs floor of a one-kernel replay. Each config's output is chec
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernl.commands.timing import median_ms
@@ -61,11 +63,12 @@ def main() -> None:
         default = attention_config(d, seq, batch * hq, q.dtype, q.device)
         cells = []
         for cfg in CONFIGS:
-            run = lambda cfg=cfg: launch_attention(q, k, v, mask, causal, d**-0.5, cfg)  # noqa: E731
+            run = functools.partial(launch_attention, q, k, v, mask, causal, d**-0.5, cfg)
             err = (run().float() - want.float()).abs().max().item()
             ok = "" if err < 2e-2 else f" ERR {err:.3f}"
             mark = "*" if cfg == default else ""
-            cells.append(f"{cfg.block_m}/{cfg.block_n}/w{cfg.num_warps}/s{cfg.num_stages}{mark} {per_kernel_us(run):.2f}{ok}")
+            tile = f"{cfg.block_m}/{cfg.block_n}/w{cfg.num_warps}/s{cfg.num_stages}{mark}"
+            cells.append(f"{tile} {per_kernel_us(run):.2f}{ok}")
         name = f"b{batch} h{hq}/{hkv} s{seq} d{d}{' causal' if causal else ''}{' mask' if padded else ''}"
         print(f"{name:32s} " + " | ".join(cells), flush=True)
 
