@@ -1,4 +1,4 @@
-"""Pieces linear and gated_linear share: epilogue activations (torch and Triton), tile order, configs."""
+"""Pieces the GEMM kernels share: epilogue activations (torch and Triton), tile order, the K loop, configs."""
 
 from __future__ import annotations
 
@@ -103,6 +103,38 @@ if HAS_TRITON:
         pid_m = first_m + (pid % group_width) % group_rows
         pid_n = (pid % group_width) // group_rows
         return pid_m, pid_n
+
+    @triton.jit
+    def accumulate_k_range(
+        x_ptrs,  # [BLOCK_M, BLOCK_K] pointers to the x tile at the range's first k
+        w_ptrs,  # [BLOCK_K, BLOCK_N] pointers to the weight tile at the range's first k
+        stride_xk,
+        stride_wk,
+        k_span,  # length of the K range this program walks from the pointers, in BLOCK_K steps
+        k_limit,  # K left from the pointers' first k: loads at or past it read zeros (unless EVEN_K)
+        INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: exact products, no silent TF32
+        EVEN_K: tl.constexpr,  # every step lies inside K: no mask
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """x @ w over one K range as an fp32 [BLOCK_M, BLOCK_N] tile: the K loop of linear and split-K."""
+        offs_k = tl.arange(0, BLOCK_K)
+        # fp32 accumulator whatever the input dtype.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k_start in range(0, k_span, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                # Zeros past K add nothing to the dot product.
+                k_left = k_limit - k_start
+                x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+                w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            acc = tl.dot(x, w, acc=acc, input_precision=INPUT_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+        return acc
 
     @triton.jit
     def _tanh(x):

@@ -51,7 +51,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from kernl.kernels._gemm import apply_activation, grouped_tile
+    from kernl.kernels._gemm import accumulate_k_range, apply_activation, grouped_tile
 
     @triton.jit
     def split_k_partial_kernel(
@@ -87,20 +87,11 @@ if HAS_TRITON:
         k_lo64 = k_lo.to(tl.int64)
         x_ptrs = X + rows[:, None] * stride_xm + (k_lo64 + offs_k[None, :]) * stride_xk
         w_ptrs = W + (k_lo64 + offs_k[:, None]) * stride_wk + cols[None, :] * stride_wn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # The same trip count for every split; past K (the last split's tail, or an empty split) the
         # masked loads give zeros, so each split still writes its whole tile: no zero-filled workspace.
-        for k_start in range(0, K_PER, BLOCK_K):
-            if EVEN_K:
-                x = tl.load(x_ptrs)
-                w = tl.load(w_ptrs)
-            else:
-                k_left = K - k_lo - k_start
-                x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-                w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            acc = tl.dot(x, w, acc=acc, input_precision=INPUT_PRECISION)
-            x_ptrs += BLOCK_K * stride_xk
-            w_ptrs += BLOCK_K * stride_wk
+        acc = accumulate_k_range(
+            x_ptrs, w_ptrs, stride_xk, stride_wk, K_PER, K - k_lo, INPUT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K
+        )
         out = P + split.to(tl.int64) * stride_ps + offs_m.to(tl.int64)[:, None] * stride_pm + offs_n[None, :]
         tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 

@@ -58,7 +58,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from kernl.kernels._gemm import apply_activation, grouped_tile
+    from kernl.kernels._gemm import accumulate_k_range, apply_activation, grouped_tile
     from kernl.kernels._split_k import launch_split_k
 
     @triton.jit
@@ -99,20 +99,10 @@ if HAS_TRITON:
         cols = (offs_n % N).to(tl.int64)
         x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
         w_ptrs = W + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
-        # fp32 accumulator whatever the input dtype.
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k_start in range(0, K, BLOCK_K):
-            if EVEN_K:
-                x = tl.load(x_ptrs)
-                w = tl.load(w_ptrs)
-            else:
-                # Zeros past K add nothing to the dot product.
-                k_left = K - k_start
-                x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-                w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            acc = tl.dot(x, w, acc=acc, input_precision=INPUT_PRECISION)
-            x_ptrs += BLOCK_K * stride_xk
-            w_ptrs += BLOCK_K * stride_wk
+        # All of K, masked past it unless EVEN_K; fp32 accumulator whatever the input dtype.
+        acc = accumulate_k_range(
+            x_ptrs, w_ptrs, stride_xk, stride_wk, K, K, INPUT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K
+        )
         # Epilogue on the fp32 tile in registers: the product never goes to memory un-finished.
         if HAS_BIAS:
             acc += tl.load(B + cols).to(tl.float32)[None, :]
@@ -194,6 +184,10 @@ if HAS_TRITON:
         run(autotune_cache.tune("linear", key, candidates, run, benchmark=x2.is_cuda))
 
 
+# Activations cuBLASLt applies in the GEMM's epilogue along with the bias (its GELU is the tanh form).
+_CUBLASLT_EPILOGUES = {"gelu_tanh": True, "relu": False}  # activation -> use_gelu
+
+
 def cublas_linear(
     x2: torch.Tensor,
     weight: torch.Tensor,
@@ -203,17 +197,35 @@ def cublas_linear(
     y2: torch.Tensor,
     activation: str,
 ) -> None:
-    """y2 = act(x2 @ W^T + bias) + r2 through torch: one cuBLAS(Lt) GEMM with the bias fused, and the
-    activation and residual as separate element-wise kernels (the tuner counts their cost)."""
+    """y2 = act(x2 @ W^T + bias) + r2 through torch: one cuBLAS(Lt) GEMM with the bias fused, then the
+    activation in place (or in the GEMM's epilogue where cuBLASLt has it) and the residual added in place.
+    The tuner times the whole sequence against the Triton kernel."""
     w = weight if weight_transposed else weight.t()  # [K, N]
-    if bias is not None:
-        torch.addmm(bias, x2, w, out=y2)
+    if bias is not None and activation in _CUBLASLT_EPILOGUES and x2.is_cuda:
+        # On CPU this op's GELU is the exact form, so it is only used where it matches gelu_tanh.
+        torch._addmm_activation(bias, x2, w, use_gelu=_CUBLASLT_EPILOGUES[activation], out=y2)
     else:
-        torch.mm(x2, w, out=y2)
-    if activation != "none":
-        y2.copy_(torch_activation(y2, activation))
+        if bias is not None:
+            torch.addmm(bias, x2, w, out=y2)
+        else:
+            torch.mm(x2, w, out=y2)
+        _activation_in_place(y2, activation)
     if r2 is not None:
         y2.add_(r2)
+
+
+def _activation_in_place(y: torch.Tensor, activation: str) -> None:
+    # In place: one read and one write of y, where y.copy_(act(y)) costs two of each.
+    if activation == "relu":
+        y.relu_()
+    elif activation in ("gelu", "gelu_tanh"):
+        torch._C._nn.gelu_(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+    elif activation == "silu":
+        torch.nn.functional.silu(y, inplace=True)
+    elif activation == "tanh":
+        y.tanh_()
+    elif activation != "none":
+        raise ValueError(f"activation: unknown activation {activation!r}")
 
 
 def _out_features(weight: torch.Tensor, weight_transposed: bool) -> int:

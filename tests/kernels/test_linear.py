@@ -310,7 +310,9 @@ def test_cublas_candidate_only_for_half_precision():
 
 @pytest.mark.parametrize(
     "with_bias, activation, with_residual, transposed",
-    [(False, None, False, False), (True, None, False, False), (True, "gelu", True, False), (True, "silu", False, True)],
+    [(False, None, False, False), (True, None, False, False), (True, "gelu", True, False), (True, "silu", False, True)]
+    + [(True, act, False, False) for act in ("relu", "gelu_tanh", "tanh")]
+    + [(False, "gelu_tanh", True, False)],
 )
 def test_cublas_candidate_matches_reference(run_config, with_bias, activation, with_residual, transposed):
     # fp32 on CPU runs the same torch calls as fp16 on a GPU: the epilogue order is what is checked.
@@ -321,3 +323,16 @@ def test_cublas_candidate_matches_reference(run_config, with_bias, activation, w
     y = run_config({linear_module.CUBLAS: 1}, x, w, b, activation=activation, residual=r, weight_transposed=transposed)
     want = formula(x, w, b, activation, r, transposed=transposed)
     assert rel_err(y, want) < TOL[torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("fresh_autotune")
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu", "gelu"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_cublas_candidate_epilogues_on_gpu(run_config, activation, with_residual):
+    # gelu_tanh and relu go through cuBLASLt's fused bias+activation epilogue; gelu runs in place after it.
+    m, k, n, dtype = 512, 768, 3072, torch.float16
+    x, w, b = make((m, k), dtype, "cuda"), make_weight(n, k, dtype, "cuda"), make(n, dtype, "cuda")
+    r = make((m, n), dtype, "cuda") if with_residual else None
+    y = run_config({linear_module.CUBLAS: 1}, x, w, b, activation=activation, residual=r)
+    assert rel_err(y, formula(x, w, b, activation, r)) < GPU_TOL[dtype]
