@@ -218,6 +218,12 @@ GPU_CASES = [
     (2, 8, 4, 257, 513, 256, "bool_rows", False),
     (4, 16, 16, 257, 257, 80, "bool_rows", False),
     (4, 16, 16, 200, 200, 80, None, False),
+    # Batch 1, few programs: the 16-row tiles.
+    (1, 12, 12, 128, 128, 64, "padding", False),
+    (1, 12, 12, 16, 16, 64, "padding", False),
+    (1, 32, 8, 16, 16, 64, None, True),
+    (1, 4, 2, 77, 300, 64, "bool_rows", False),
+    (1, 4, 2, 77, 300, 64, None, True),
 ]
 
 
