@@ -59,9 +59,9 @@ def compile_model(
     with BundleWriter(output_dir, overwrite=overwrite) as writer:
         program_path = writer.write_text("program.py", low.source)
         timed("warm-up")
-        forward = bind_program(program_path)
+        program = bind_program(program_path, len(low.weight_names))
         checks = warm_up(
-            forward,
+            program,
             model,
             low.make_inputs,
             buckets,

@@ -116,6 +116,15 @@ def _function_source(gm: torch.fx.GraphModule, name: str) -> tuple[str, dict]:
     return "\n".join(lines).strip("\n") + "\n", used
 
 
+FORWARD = '''
+
+def forward(target_device, *args):
+    """The whole program. A bundle captures head() in its CUDA graph and runs tail() after each replay, so
+    the kernels that write the outputs allocate them fresh instead of leaving them in graph memory."""
+    return tail(target_device, *args[:WEIGHT_COUNT], *head(target_device, *args))
+'''
+
+
 def program_source(
     gm: torch.fx.GraphModule,
     *,
@@ -124,14 +133,29 @@ def program_source(
     outputs,
     report,
     invariants: torch.fx.GraphModule | None = None,
+    split: tuple[torch.fx.GraphModule, torch.fx.GraphModule] | None = None,
+    weight_count: int = 0,
 ) -> str:
-    """Python source of the program: forward, and the invariants() it calls when some values were hoisted."""
-    forward, used = _function_source(gm, "forward")
-    parts = [forward]
+    """Python source of the program: forward, and the invariants() it calls when some values were hoisted.
+
+    split: (head, tail) from split_tail; the program then defines head, tail and a forward that chains them,
+    whose first weight_count arguments after the device are the weights.
+    """
+    if split is None:
+        forward, used = _function_source(gm, "forward")
+        functions = [forward]
+    else:
+        head, used = _function_source(split[0], "head")
+        tail, more = _function_source(split[1], "tail")
+        used.update(more)
+        functions = [head, "\n\n" + tail, FORWARD]
+    parts = functions
     if invariants is not None:
         compute, more = _function_source(invariants, "_compute_invariants")
         used.update(more)
-        parts = [INVARIANTS.lstrip("\n"), compute, "\n\n" + forward]
+        parts = [INVARIANTS.lstrip("\n"), compute, "\n\n", *functions]
     header = HEADER.format(model=model_name, version=version, outputs=", ".join(outputs), report=report or "none")
     extra = "".join(_global_line(name, value) + "\n" for name, value in sorted(used.items()))
+    if split is not None:
+        extra += f"WEIGHT_COUNT = {weight_count}\n"
     return header + (extra + "\n" if extra else "") + "".join(parts)

@@ -8,6 +8,7 @@ from kernl.compiler.lower import Lowered
 from kernl.runtime.dispatch import pad_into, slice_output
 from kernl.runtime.graphs import BucketGraphs
 from kernl.runtime.output import BundleOutput
+from kernl.runtime.program import own_outputs
 
 
 class InMemoryProgram:
@@ -16,7 +17,7 @@ class InMemoryProgram:
     def __init__(self, lowered: Lowered, pool: tuple | None = None) -> None:
         self.lowered = lowered
         self.device = lowered.device
-        self.forward = lowered.bind()
+        self.program = lowered.bind()
         self.weights = lowered.weight_list()
         dtypes = {spec.name: spec.dtype for spec in lowered.specs}
         self.inputs = [(name, dtypes[name]) for name in lowered.input_names]
@@ -30,7 +31,7 @@ class InMemoryProgram:
 
     def _graph(self, bucket: tuple[int, int]) -> BucketGraphs:
         if bucket not in self.graphs:
-            graphs = BucketGraphs(self.forward, self.weights, self.inputs, [bucket], self.device, pool=self.pool)
+            graphs = BucketGraphs(self.program, self.weights, self.inputs, [bucket], self.device, pool=self.pool)
             self.pool = graphs.pool  # the next buckets share it: replays are serialised
             self.graphs[bucket] = graphs
         return self.graphs[bucket]
@@ -46,11 +47,11 @@ class InMemoryProgram:
         for (name, _), dst, src in zip(self.inputs, padded, real):
             pad_into(dst, src, is_mask=name == "attention_mask")
         if graphs is not None:
-            outs = graphs.replay(bucket)
+            outs = graphs.outputs(bucket)
         else:
-            outs = self.forward(self.device, *self.weights, *padded)
+            outs = self.program(self.device, *self.weights, *padded)
         specs = self.lowered.outputs
         sliced = [slice_output(out, spec["dims"], batch, seq) for spec, out in zip(specs, outs)]
-        if graphs is not None:  # the next replay overwrites the static outputs
-            sliced = [out.clone() for out in sliced]
+        if graphs is not None:  # the next replay overwrites what the graph wrote
+            sliced = own_outputs(sliced, graphs.graph_memory[bucket])
         return BundleOutput((spec["name"], out) for spec, out in zip(specs, sliced))

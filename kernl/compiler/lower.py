@@ -14,8 +14,10 @@ from kernl.compiler.hoist import hoist_invariants
 from kernl.compiler.inputs import InputSpec, example_inputs_for, input_specs
 from kernl.compiler.outputs import output_layout, output_names
 from kernl.compiler.passes import run_passes
+from kernl.compiler.tail import split_tail
 from kernl.compiler.trace import export_model
 from kernl.errors import KernlError
+from kernl.runtime.program import Program, program_from_namespace
 
 
 @dataclass
@@ -39,11 +41,11 @@ class Lowered:
     def weight_list(self) -> list[torch.Tensor]:
         return [self.weights[name] for name in self.weight_names]
 
-    def bind(self, filename: str = "<kernl program>") -> Callable:
-        """exec the program source and return its forward."""
+    def bind(self, filename: str = "<kernl program>") -> Program:
+        """exec the program source and return it bound: head, tail, and the whole as a callable."""
         namespace: dict = {"__name__": "kernl_program", "__file__": filename}
         exec(compile(self.source, filename, "exec"), namespace)
-        return namespace["forward"]
+        return program_from_namespace(namespace, len(self.weight_names))
 
 
 def check_buckets(buckets: Sequence) -> list[tuple[int, int]]:
@@ -132,9 +134,17 @@ def lower_model(
     weight_names = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name in weights]
     from kernl import __version__
 
-    hoisted = hoist_invariants(gm, set(weight_names) | {"target_device"})
+    constants = set(weight_names) | {"target_device"}
+    hoisted = hoist_invariants(gm, constants)
     source = program_source(
-        gm, model_name=type(model).__name__, version=__version__, outputs=names, report=report, invariants=hoisted
+        gm,
+        model_name=type(model).__name__,
+        version=__version__,
+        outputs=names,
+        report=report,
+        invariants=hoisted,
+        split=split_tail(gm, constants),
+        weight_count=len(weight_names),
     )
     return Lowered(
         model=model,

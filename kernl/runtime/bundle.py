@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,18 +10,19 @@ import torch
 from kernl.runtime.dispatch import check_inputs, pad_into, pick_bucket, slice_output
 from kernl.runtime.graphs import BucketGraphs
 from kernl.runtime.output import BundleOutput
+from kernl.runtime.program import Program, own_outputs
 
 
 class Bundle:
     """Call with the model's keyword inputs (input_ids=…, attention_mask=…); returns a BundleOutput."""
 
     def __init__(
-        self, manifest: dict[str, Any], forward: Callable, weights: list[torch.Tensor], device, *, cuda_graphs: bool
+        self, manifest: dict[str, Any], program: Program, weights: list[torch.Tensor], device, *, cuda_graphs: bool
     ) -> None:
         self.manifest = manifest
         self.device = device
         self.buckets = [tuple(b) for b in manifest["buckets"]]
-        self._forward = forward
+        self._program = program
         self._weights = weights
         self._inputs = manifest["inputs"]
         self._input_order = manifest["program"]["inputs"]
@@ -33,7 +33,7 @@ class Bundle:
         self.load_timings: dict[str, float] = {}
         if cuda_graphs and device.type == "cuda":
             inputs = [(name, getattr(torch, self._dtype_of(name))) for name in self._input_order]
-            self._graphs = BucketGraphs(forward, weights, inputs, self.buckets, device)
+            self._graphs = BucketGraphs(program, weights, inputs, self.buckets, device)
             self.load_timings.update(self._graphs.timings)
 
     def __repr__(self) -> str:
@@ -53,10 +53,11 @@ class Bundle:
             for name, dst, src in zip(self._input_order, padded, real):
                 pad_into(dst, src, is_mask=name == "attention_mask")
             if self._graphs is not None:
-                # Fresh tensors: the next replay overwrites the static outputs.
-                outs = [out.clone() for out in self._slice(self._graphs.replay(bucket), batch, seq)]
+                # The next replay overwrites what the graph wrote: outputs left there are copied out.
+                sliced = self._slice(self._graphs.outputs(bucket), batch, seq)
+                outs = own_outputs(sliced, self._graphs.graph_memory[bucket])
             else:
-                outs = self._slice(self._forward(self.device, *self._weights, *padded), batch, seq)
+                outs = self._slice(self._program(self.device, *self._weights, *padded), batch, seq)
         return BundleOutput((spec["name"], out) for spec, out in zip(self._outputs, outs))
 
     def _slice(self, outs, batch: int, seq: int) -> list[torch.Tensor]:

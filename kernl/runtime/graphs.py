@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
+
+from kernl.runtime.program import Program, storages
 
 
 @functools.cache
@@ -30,6 +32,9 @@ def _own_cublas_workspace() -> None:
 class BucketGraphs:
     """Static input buffers, captured graph and static outputs for each bucket.
 
+    The graph captures the program's head; outputs() replays it and runs the tail, whose kernels write
+    fresh output tensors.
+
     All graphs share one pool: intermediates of a graph are free again once its capture ends, so the
     next (smaller) bucket reuses that memory and N buckets cost about as much as the largest one.
     Replays must not overlap; the caller serialises them.
@@ -37,7 +42,7 @@ class BucketGraphs:
 
     def __init__(
         self,
-        forward: Callable,
+        program: Program,
         weights: Sequence[torch.Tensor],
         inputs: Sequence[tuple[str, torch.dtype]],
         buckets: Sequence[tuple[int, int]],
@@ -46,7 +51,14 @@ class BucketGraphs:
     ) -> None:
         # pool: another BucketGraphs' pool to share, when their replays are serialised together.
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        self.program = program
+        self.weights = list(weights)
+        self.device = device
         self.entries: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple]] = {}
+        # Storage of each bucket's static inputs and head values, and of the weights: an output found there
+        # is not the caller's to keep.
+        self.graph_memory: dict[tuple[int, int], set[int]] = {}
+        weight_memory = storages(self.weights)
         self.timings = {"warm_s": 0.0, "capture_s": 0.0}
         with torch.no_grad(), torch.cuda.device(device):
             for bucket in sorted(buckets, key=lambda b: b[0] * b[1], reverse=True):
@@ -56,7 +68,7 @@ class BucketGraphs:
                 side = _side_stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
-                    forward(device, *weights, *static)
+                    program(device, *weights, *static)
                 torch.cuda.current_stream(device).wait_stream(side)
                 torch.cuda.synchronize(device)
                 warmed = time.perf_counter()
@@ -64,8 +76,9 @@ class BucketGraphs:
                 graph = torch.cuda.CUDAGraph()
                 _own_cublas_workspace()
                 with torch.cuda.graph(graph, pool=self.pool, stream=side):
-                    outputs = forward(device, *weights, *static)
-                self.entries[bucket] = (graph, static, tuple(outputs))
+                    values = program.head(device, *weights, *static)
+                self.entries[bucket] = (graph, static, tuple(values))
+                self.graph_memory[bucket] = storages(static) | storages(values) | weight_memory
                 self.timings["capture_s"] += time.perf_counter() - warmed
         torch.cuda.synchronize(device)
 
@@ -78,7 +91,12 @@ class BucketGraphs:
     def static_inputs(self, bucket: tuple[int, int]) -> list[torch.Tensor]:
         return self.entries[bucket][1]
 
-    def replay(self, bucket: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-        graph, _, outputs = self.entries[bucket]
+    def replay(self, bucket: tuple[int, int]) -> tuple:
+        """Replay the bucket's graph; returns the head's values, in static memory."""
+        graph, _, values = self.entries[bucket]
         graph.replay()
-        return outputs
+        return values
+
+    def outputs(self, bucket: tuple[int, int]) -> tuple:
+        """Replay, then run the tail on the head's values: the program's outputs for the static inputs."""
+        return self.program.tail(self.device, *self.weights, *self.replay(bucket))

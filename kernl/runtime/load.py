@@ -16,10 +16,11 @@ from kernl.artifacts.weights import load_weights
 from kernl.errors import BundleError
 from kernl.runtime.bundle import Bundle
 from kernl.runtime.compat import check_kernels, resolve_device
+from kernl.runtime.program import Program, program_from_namespace
 
 
-def bind_program(path: Path):
-    """exec program.py and return its forward."""
+def bind_program(path: Path, weight_count: int) -> Program:
+    """exec program.py and return its head and tail (weight_count: how many weights it takes)."""
     namespace: dict = {"__name__": "kernl_program", "__file__": str(path)}
     try:
         exec(compile(path.read_text(), str(path), "exec"), namespace)
@@ -27,7 +28,7 @@ def bind_program(path: Path):
         raise BundleError(f"{path}: not a valid program ({err.msg}, line {err.lineno})") from None
     if not callable(namespace.get("forward")):
         raise BundleError(f"{path}: defines no forward()")
-    return namespace["forward"]
+    return program_from_namespace(namespace, weight_count)
 
 
 def load(
@@ -93,8 +94,8 @@ def _build(root: Path, manifest: dict, device, *, cuda_graphs: bool, recompile: 
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types on corrupt files
         raise BundleError(f"{weights_file}: unreadable ({err})") from None
     phase("weights_s")
-    forward = bind_program(root / manifest["program"]["file"])
+    program = bind_program(root / manifest["program"]["file"], len(weights))
     phase("bind_s")
-    bundle = Bundle(manifest, forward, weights, device, cuda_graphs=cuda_graphs)
+    bundle = Bundle(manifest, program, weights, device, cuda_graphs=cuda_graphs)
     phase("graphs_s")
     return bundle

@@ -113,3 +113,16 @@ def test_graphs_survive_torch_clearing_cublas_workspaces(tmp_path, monkeypatch):
         autotune_cache.clear()
         autotune_cache.load(saved)
         autotune_cache.set_frozen(False)
+
+
+@pytest.mark.gpu
+def test_outputs_written_after_the_replay_are_not_copied(cuda_bundle):
+    from tests.runtime.test_program_copies import _CountOps
+
+    bundle = kernl.load(cuda_bundle[1])
+    inputs = _cuda(token_inputs(8, 64))  # a bucket exactly: nothing to slice
+    with _CountOps() as counted:
+        out = bundle(**inputs)
+    # The final norm and the pooler run in the program's tail, outside the graph: fresh tensors, no clone.
+    assert counted.ops["aten.clone.default"] == 0, counted.ops
+    assert torch.equal(out.pooler_output, kernl.load(cuda_bundle[1], cuda_graphs=False)(**inputs).pooler_output)

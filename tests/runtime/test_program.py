@@ -1,0 +1,29 @@
+"""Outputs left in a graph's memory are copied out; the tail's fresh outputs are handed over as they are."""
+
+import torch
+
+from kernl.runtime.program import own_outputs, program_from_namespace, storages
+
+
+def test_only_outputs_in_graph_memory_are_copied():
+    static, fresh = torch.randn(4, 6), torch.randn(4, 6)
+    owned = own_outputs([static, fresh], storages([static]))
+    assert owned[0].untyped_storage().data_ptr() != static.untyped_storage().data_ptr()
+    assert torch.equal(owned[0], static)
+    assert owned[1] is fresh
+
+
+def test_sliced_outputs_come_out_compact():
+    static, fresh = torch.randn(4, 6), torch.randn(4, 6)
+    owned = own_outputs([static[:3, :5], fresh[:3, :5]], storages([static]))
+    for got, base in zip(owned, (static, fresh)):
+        assert got.is_contiguous() and torch.equal(got, base[:3, :5])
+
+
+def test_a_program_without_a_tail_passes_the_head_values_on():
+    namespace = {"forward": lambda device, w, x: (x * w,)}
+    program = program_from_namespace(namespace, weight_count=1)
+    w, x = torch.randn(3), torch.randn(3)
+    values = program.head("cpu", w, x)
+    assert program.tail("cpu", w, *values) == values
+    torch.testing.assert_close(program("cpu", w, x)[0], x * w)
