@@ -59,7 +59,9 @@ def host_breakdown(bundle, inputs: dict[str, torch.Tensor], bucket: tuple[int, i
         "check_inputs": lambda: check_inputs(inputs, bundle._inputs, bundle.buckets),
         "input copies": lambda: [pad_into(d, inputs[n], is_mask=False) for n, d in zip(bundle._input_order, static)],
         "graph launch": lambda: graphs.replay(bucket),
-        "tail": lambda: graphs.program.tail(graphs.device, *graphs.weights, *values),
+        "tail": lambda: (
+            graphs.program.tail(graphs.device, *graphs.weights, *values) if graphs.tail_outside[bucket] else None
+        ),
         "whole call": lambda: bundle(**inputs),
     }
     micros = {}
