@@ -111,6 +111,8 @@ def run(args) -> dict:
         compiled_ms = [row[f"{m}_ms"] for m in modes if m not in ("eager", "kernl")]
         if "kernl_ms" in row and compiled_ms:
             row["kernl_over_best_compile"] = row["kernl_ms"] / min(compiled_ms)
+        if args.json:  # after every shape: a run cut short by a time limit keeps what it measured
+            args.json.write_text(json.dumps(results, indent=1))
     return results
 
 
