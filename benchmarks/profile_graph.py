@@ -83,6 +83,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--trace", type=Path, default=None, help="write a Chrome trace of the profiled replays")
+    parser.add_argument(
+        "--ab-attention",
+        action="store_true",
+        help="also load the bundle with 64-row attention tiles only (the batch-1 16-row rule off) and compare",
+    )
     args = parser.parse_args()
     import kernl
 
@@ -105,6 +110,40 @@ def main() -> None:
     print(f"{'µs/call':>8} {'n':>4}  kernel")
     for name, count, us in rows:
         print(f"{us:8.1f} {count:4d}  {name[:110]}")
+    if args.ab_attention:
+        compare_attention_tiles(path, inputs, (batch, seq), args.calls)
+
+
+def compare_attention_tiles(path: Path, inputs: dict, bucket: tuple[int, int], calls: int) -> None:
+    """The same bundle loaded twice in this process, with and without the 16-row attention tiles for batch 1:
+    whole call, bare replay and the attention kernels' time, alternating the two to share any drift."""
+    import kernl
+    from kernl.kernels import _attention_kernel as tiles
+
+    rule = tiles.attention_config
+
+    def rows_of_64(head_dim, seq_q, batch_heads, dtype, device):
+        # As if there were enough programs: the rule's branch for few 64-row programs is skipped.
+        return rule(head_dim, max(seq_q, 33), max(batch_heads, 33), dtype, device)
+
+    bundles = {"16-row rule": kernl.load(path)}
+    tiles.attention_config = rows_of_64
+    try:
+        bundles["64-row only"] = kernl.load(path)
+    finally:
+        tiles.attention_config = rule
+    device = torch.device("cuda")
+    with torch.inference_mode():
+        for round_ in range(2):
+            for name, bundle in bundles.items():
+                call_ms = median_ms(lambda b=bundle: b(**inputs), device, warmup=10, runs=200)
+                replay_ms = median_ms(lambda b=bundle: b._graphs.replay(bucket), device, warmup=10, runs=200)
+                rows, _, _ = kernel_table(bundle, bucket, calls)
+                attention_us = sum(us for n, _, us in rows if "attention" in n)
+                print(
+                    f"round {round_} {name}: full call {call_ms * 1e3:.1f} µs, replay {replay_ms * 1e3:.1f} µs, "
+                    f"attention {attention_us:.1f} µs"
+                )
 
 
 if __name__ == "__main__":
