@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from kernl.commands.bundle_path import bundle_root
+from kernl.commands.bundle_path import bundle_root, load_bundle
 from kernl.commands.errors import CliError, Command, first_line
 
 # Ways to run the original model: name -> torch.compile mode (None: eager).
@@ -96,15 +96,11 @@ def bench_command(
     baselines = parse_against(against)
     import torch
 
-    import kernl
     from kernl.artifacts.manifest import library_versions
     from kernl.commands.describe import table
 
     root = bundle_root(bundle)
-    try:
-        loaded = kernl.load(root, device=device)
-    except kernl.KernlError as err:
-        raise CliError(str(err)) from None
+    loaded = load_bundle(root, device)
     manifest, dev = loaded.manifest, loaded.device
     model = _original_model(manifest, source, dev) if baselines else None
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or manifest.get("vocab_size") or 100)

@@ -22,3 +22,13 @@ def bundle_root(path: Path) -> Path:
     if not (path / "manifest.json").is_file():
         raise CliError(f"{path}: not a kernl bundle (no manifest.json)")
     return path
+
+
+def load_bundle(root: Path, device: str | None):
+    """kernl.load(root, device), its errors as CliError."""
+    import kernl
+
+    try:
+        return kernl.load(root, device=device)
+    except kernl.KernlError as err:
+        raise CliError(str(err)) from None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from kernl.commands.bundle_path import bundle_root
+from kernl.commands.bundle_path import bundle_root, load_bundle
 from kernl.commands.errors import CliError, Command
 
 
@@ -24,10 +24,7 @@ def run_command(bundle: Path, texts: tuple[str, ...], device: str | None, top_k:
 
     root = bundle_root(bundle)
     tok = BundleTokenizer(root)
-    try:
-        loaded = kernl.load(root, device=device)
-    except kernl.KernlError as err:
-        raise CliError(str(err)) from None
+    loaded = load_bundle(root, device)
     manifest = loaded.manifest
     max_batch = max(b for b, _ in loaded.buckets)
     if len(texts) > max_batch:

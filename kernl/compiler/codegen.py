@@ -149,13 +149,13 @@ def program_source(
         tail, more = _function_source(split[1], "tail")
         used.update(more)
         functions = [head, "\n\n" + tail, FORWARD]
-    parts = functions
+    parts = []
     if invariants is not None:
         compute, more = _function_source(invariants, "_compute_invariants")
         used.update(more)
-        parts = [INVARIANTS.lstrip("\n"), compute, "\n\n", *functions]
+        parts = [INVARIANTS.lstrip("\n"), compute, "\n\n"]
     header = HEADER.format(model=model_name, version=version, outputs=", ".join(outputs), report=report or "none")
     extra = "".join(_global_line(name, value) + "\n" for name, value in sorted(used.items()))
     if split is not None:
         extra += f"WEIGHT_COUNT = {weight_count}\n"
-    return header + (extra + "\n" if extra else "") + "".join(parts)
+    return header + (extra + "\n" if extra else "") + "".join(parts + functions)
