@@ -1,6 +1,6 @@
 """What one bundle call runs on the GPU: the kernels of the captured graph, their time, and the gaps.
 
-python benchmarks/profile_graph.py --model bert --shape 1x128 [--layers N] [--trace trace.json]
+python benchmarks/profile_graph.py --model bert --shape 1x128 [--layers N] [--trace trace.json] [--ab pdl]
 
 Builds a one-bucket bundle, then profiles graph replays (and the program's tail, run after each) with the
 torch profiler. Prints each kernel name with its launches and GPU time per call, the sum of kernel time
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -84,9 +85,12 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--trace", type=Path, default=None, help="write a Chrome trace of the profiled replays")
     parser.add_argument(
-        "--ab-attention",
-        action="store_true",
-        help="also load the bundle with 64-row attention tiles only (the batch-1 16-row rule off) and compare",
+        "--ab",
+        action="append",
+        choices=sorted(AB_VARIANTS),
+        default=[],
+        help="also load the bundle with one change and compare in this process: attention (64-row tiles only, "
+        "the batch-1 16-row rule off) or pdl (no programmatic dependent launch); repeatable",
     )
     args = parser.parse_args()
     import kernl
@@ -110,39 +114,64 @@ def main() -> None:
     print(f"{'µs/call':>8} {'n':>4}  kernel")
     for name, count, us in rows:
         print(f"{us:8.1f} {count:4d}  {name[:110]}")
-    if args.ab_attention:
-        compare_attention_tiles(path, inputs, (batch, seq), args.calls)
+    for which in args.ab:
+        compare_variants(path, inputs, (batch, seq), args.calls, which)
 
 
-def compare_attention_tiles(path: Path, inputs: dict, bucket: tuple[int, int], calls: int) -> None:
-    """The same bundle loaded twice in this process, with and without the 16-row attention tiles for batch 1:
-    whole call, bare replay and the attention kernels' time, alternating the two to share any drift."""
-    import kernl
+@contextlib.contextmanager
+def attention_64_rows_only():
+    """attention_config as if there were enough programs: the batch-1 16-row branch is skipped."""
     from kernl.kernels import _attention_kernel as tiles
 
     rule = tiles.attention_config
-
-    def rows_of_64(head_dim, seq_q, batch_heads, dtype, device):
-        # As if there were enough programs: the rule's branch for few 64-row programs is skipped.
-        return rule(head_dim, max(seq_q, 33), max(batch_heads, 33), dtype, device)
-
-    bundles = {"16-row rule": kernl.load(path)}
-    tiles.attention_config = rows_of_64
+    tiles.attention_config = lambda d, seq_q, bh, dtype, device: rule(d, max(seq_q, 33), max(bh, 33), dtype, device)
     try:
-        bundles["64-row only"] = kernl.load(path)
+        yield
     finally:
         tiles.attention_config = rule
+
+
+@contextlib.contextmanager
+def pdl_off():
+    """Kernels launched the ordinary way, without programmatic dependent launch."""
+    from kernl.kernels import _pdl
+
+    enabled = _pdl.ENABLED
+    _pdl.ENABLED = False
+    try:
+        yield
+    finally:
+        _pdl.ENABLED = enabled
+
+
+# --ab NAME: (label of the default, label of the variant, what to change while the variant loads)
+AB_VARIANTS = {
+    "attention": ("16-row rule", "64-row only", attention_64_rows_only),
+    "pdl": ("PDL on", "PDL off", pdl_off),
+}
+
+
+def compare_variants(path: Path, inputs: dict, bucket: tuple[int, int], calls: int, which: str) -> None:
+    """The same bundle loaded twice in this process, as built and with one change made while it loads (and so
+    while its graphs are captured): whole call, bare replay and summed kernel time, alternating the two in
+    three rounds so that clock drift hits both alike."""
+    import kernl
+
+    default, variant, change = AB_VARIANTS[which]
+    bundles = {default: kernl.load(path)}
+    with change():
+        bundles[variant] = kernl.load(path)
     device = torch.device("cuda")
     with torch.inference_mode():
-        for round_ in range(2):
+        for round_ in range(3):
             for name, bundle in bundles.items():
-                call_ms = median_ms(lambda b=bundle: b(**inputs), device, warmup=10, runs=200)
-                replay_ms = median_ms(lambda b=bundle: b._graphs.replay(bucket), device, warmup=10, runs=200)
-                rows, _, _ = kernel_table(bundle, bucket, calls)
+                call_ms = median_ms(lambda b=bundle: b(**inputs), device, warmup=10, runs=300)
+                replay_ms = median_ms(lambda b=bundle: b._graphs.replay(bucket), device, warmup=10, runs=300)
+                rows, kernel_us, _ = kernel_table(bundle, bucket, calls)
                 attention_us = sum(us for n, _, us in rows if "attention" in n)
                 print(
-                    f"round {round_} {name}: full call {call_ms * 1e3:.1f} µs, replay {replay_ms * 1e3:.1f} µs, "
-                    f"attention {attention_us:.1f} µs"
+                    f"A/B {which} round {round_} {name}: full call {call_ms * 1e3:.1f} µs, "
+                    f"replay {replay_ms * 1e3:.1f} µs, kernels {kernel_us:.1f} µs, attention {attention_us:.1f} µs"
                 )
 
 

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernl.kernels._pdl import pdl_options, wait_for_inputs
+
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * log2(e)); exp2 is the fast hardware path
 # Floor of the running row max: finite, so a row whose keys are all masked (-inf) gives exp2(-inf) == 0, not NaN.
 # It is the lowest fp32, so a finite mask value as low as finfo(float32).min still counts as a visible key.
@@ -161,7 +163,9 @@ def attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_inputs(USE_PDL)
     # Axis 0 walks batch * heads so the q heads of one GQA group run side by side and share K/V in L2.
     bh = tl.program_id(0)
     off_b = (bh // heads_q).to(tl.int64)
@@ -325,5 +329,6 @@ def launch_attention(
         BLOCK_D=block_d,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **pdl_options(q),
     )  # fmt: skip
     return out

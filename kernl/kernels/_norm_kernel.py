@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernl.kernels._pdl import pdl_options, wait_for_inputs
+
 
 @triton.jit
 def norm_kernel(
@@ -26,7 +28,9 @@ def norm_kernel(
     HAS_BIAS: tl.constexpr,
     IS_RMS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_inputs(USE_PDL)
     # One program per row: the whole row sits in registers, so x is read once.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -99,5 +103,6 @@ def launch_norm(
         IS_RMS=rms,
         BLOCK_N=block_n,
         num_warps=num_warps,
+        **pdl_options(x2),
     )
     return y, s

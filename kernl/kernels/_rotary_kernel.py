@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernl.kernels._pdl import pdl_options, wait_for_inputs
+
 
 @triton.jit
 def _rotate_heads(
@@ -93,7 +95,9 @@ def rotary_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_inputs(USE_PDL)
     # Axis 0 walks tokens: a token's cos/sin row is read once and shared by a block of heads.
     token = tl.program_id(0).to(tl.int64)
     b = token // seq
@@ -198,4 +202,5 @@ def launch_rotary(
         BLOCK_HALF=block_half,
         BLOCK_PASS=block_pass,
         num_warps=num_warps,
+        **pdl_options(q_out),
     )

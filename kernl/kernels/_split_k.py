@@ -52,6 +52,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from kernl.kernels._gemm import accumulate_k_range, apply_activation, grouped_tile
+    from kernl.kernels._pdl import pdl_options, wait_for_inputs
 
     @triton.jit
     def split_k_partial_kernel(
@@ -74,7 +75,9 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        wait_for_inputs(USE_PDL)
         pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         split = tl.program_id(1)
         k_lo = split * K_PER
@@ -113,7 +116,9 @@ if HAS_TRITON:
         HAS_RESIDUAL: tl.constexpr,
         SPLIT_K: tl.constexpr,
         BLOCK: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        wait_for_inputs(USE_PDL)
         # Flat over the [M, N] workspace: contiguous, vectorised loads of every partial.
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < M * N
@@ -147,6 +152,7 @@ if HAS_TRITON:
         split_k, block_k = config["SPLIT_K"], config["BLOCK_K"]
         k_per = _cdiv(_cdiv(k, block_k), split_k) * block_k
         # Every split writes its whole tile, so no zero-fill; under graph capture this is the graph's pool.
+        pdl = pdl_options(x2)
         partials = torch.empty((split_k, m, n), dtype=torch.float32, device=x2.device)
         grid = (_cdiv(m, config["BLOCK_M"]) * _cdiv(n, config["BLOCK_N"]), split_k)
         split_k_partial_kernel[grid](
@@ -171,6 +177,7 @@ if HAS_TRITON:
             GROUP_M=config["GROUP_M"],
             num_warps=config["num_warps"],
             num_stages=config["num_stages"],
+            **pdl,
         )
         split_k_reduce_kernel[(_cdiv(m * n, _REDUCE_BLOCK),)](
             partials,
@@ -190,4 +197,5 @@ if HAS_TRITON:
             SPLIT_K=split_k,
             BLOCK=_REDUCE_BLOCK,
             num_warps=4,
+            **pdl,
         )

@@ -37,6 +37,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from kernl.kernels._gemm import apply_activation, grouped_tile
+    from kernl.kernels._pdl import pdl_options, wait_for_inputs
 
     @triton.jit
     def gated_linear_kernel(
@@ -62,7 +63,9 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,  # row blocks per launch group, for L2 reuse of weight tiles
+        USE_PDL: tl.constexpr,
     ):
+        wait_for_inputs(USE_PDL)
         pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,6 +107,7 @@ if HAS_TRITON:
         m, k = x2.shape
         n = y2.shape[1]
         key = (autotune_cache.dtype_name(x2.dtype), autotune_cache.bucket_m(m), n, k, activation)
+        pdl = pdl_options(x2)
 
         def run(config: dict[str, int]) -> None:
             # One program per output tile (plain ints: triton.cdiv costs microseconds per launch).
@@ -128,6 +132,7 @@ if HAS_TRITON:
                 INPUT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
                 EVEN_K=k % config["BLOCK_K"] == 0,
                 **config,
+                **pdl,
             )
 
         candidates = gated_linear_configs(key[1], n, k, x2.element_size())

@@ -59,6 +59,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from kernl.kernels._gemm import accumulate_k_range, apply_activation, grouped_tile
+    from kernl.kernels._pdl import pdl_options, wait_for_inputs
     from kernl.kernels._split_k import launch_split_k
 
     @triton.jit
@@ -88,7 +89,9 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,  # row blocks per launch group, for L2 reuse of weight tiles
+        USE_PDL: tl.constexpr,
     ):
+        wait_for_inputs(USE_PDL)
         pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -142,6 +145,7 @@ if HAS_TRITON:
             r2 is not None,
             weight_transposed,
         )
+        pdl = pdl_options(x2)
 
         def run(config: dict[str, int]) -> None:
             if config.get(CUBLAS):
@@ -177,6 +181,7 @@ if HAS_TRITON:
                 INPUT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
                 EVEN_K=k % config["BLOCK_K"] == 0,
                 **config,
+                **pdl,
             )
 
         heavy_epilogue = act != "none" or r2 is not None
