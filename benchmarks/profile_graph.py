@@ -51,14 +51,14 @@ def host_breakdown(bundle, inputs: dict[str, torch.Tensor], bucket: tuple[int, i
     """Host µs per call of each step of Bundle.__call__, each timed alone with the device idle before it."""
     import time
 
-    from kernl.runtime.dispatch import check_inputs, pad_into
+    from kernl.runtime.dispatch import check_inputs, fill_inputs
 
     graphs = bundle._graphs
     static = graphs.static_inputs(bucket)
     values = graphs.replay(bucket)
     steps = {
         "check_inputs": lambda: check_inputs(inputs, bundle._inputs, bundle.buckets),
-        "input copies": lambda: [pad_into(d, inputs[n], is_mask=False) for n, d in zip(bundle._input_order, static)],
+        "input copies": lambda: fill_inputs(static, [inputs[n] for n in bundle._input_order], bundle._input_order),
         "graph launch": lambda: graphs.replay(bucket),
         "tail": lambda: (
             graphs.program.tail(graphs.device, *graphs.weights, *values) if graphs.tail_outside[bucket] else None
@@ -90,7 +90,8 @@ def main() -> None:
         choices=sorted(AB_VARIANTS),
         default=[],
         help="also load the bundle with one change and compare in this process: attention (64-row tiles only, "
-        "the batch-1 16-row rule off) or pdl (no programmatic dependent launch); repeatable",
+        "the batch-1 16-row rule off), pdl (no programmatic dependent launch) or prefetch (PDL without the "
+        "weight prefetch); repeatable",
     )
     args = parser.parse_args()
     import kernl
@@ -144,10 +145,23 @@ def pdl_off():
         _pdl.ENABLED = enabled
 
 
+@contextlib.contextmanager
+def prefetch_off():
+    """PDL kept, but small-M GEMMs do not pull their weights into L2 before waiting for their inputs."""
+    from kernl.kernels import _pdl
+
+    _pdl.PREFETCH = False
+    try:
+        yield
+    finally:
+        _pdl.PREFETCH = True
+
+
 # --ab NAME: (label of the default, label of the variant, what to change while the variant loads)
 AB_VARIANTS = {
     "attention": ("16-row rule", "64-row only", attention_64_rows_only),
     "pdl": ("PDL on", "PDL off", pdl_off),
+    "prefetch": ("prefetch on", "prefetch off", prefetch_off),
 }
 
 

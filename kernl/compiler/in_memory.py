@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kernl.compiler.lower import Lowered
-from kernl.runtime.dispatch import pad_into, slice_output
+from kernl.runtime.dispatch import fill_inputs, slice_output
 from kernl.runtime.graphs import BucketGraphs
 from kernl.runtime.output import BundleOutput
 from kernl.runtime.program import own_outputs
@@ -44,8 +44,7 @@ class InMemoryProgram:
             padded = graphs.static_inputs(bucket)
         else:
             padded = [torch.empty(bucket, dtype=dtype, device=self.device) for _, dtype in self.inputs]
-        for (name, _), dst, src in zip(self.inputs, padded, real):
-            pad_into(dst, src, is_mask=name == "attention_mask")
+        fill_inputs(padded, real, [name for name, _ in self.inputs])
         if graphs is not None:
             outs = graphs.outputs(bucket)
         else:

@@ -27,6 +27,8 @@ except ImportError:  # Triton without grid dependency control: kernels launch th
 
 # Off with KERNL_PDL=0 (an A/B switch and an escape hatch); read at import, changeable for tests and benchmarks.
 ENABLED = os.environ.get("KERNL_PDL", "1") != "0"
+# The weight prefetch of small-M GEMMs that PDL makes worthwhile (an A/B switch for benchmarks).
+PREFETCH = True
 
 
 @functools.cache
@@ -54,3 +56,43 @@ def pdl_options(t: torch.Tensor) -> dict[str, bool]:
     if use_pdl(t):
         return {"USE_PDL": True, "launch_pdl": True}
     return {"USE_PDL": False}
+
+
+def prefetch_span(pdl: dict[str, bool], m: int, k: int) -> int:
+    """PREFETCH_K for a GEMM launch: how much of K (elements) each program pulls into L2 before it waits.
+
+    Only with PDL, where the prefetch overlaps the previous kernel, and only for small M, where the GEMM
+    streams its weight once; 512 elements of K (1 KB a weight row) keeps a whole layer's prefetch in L2.
+    """
+    if not (PREFETCH and pdl["USE_PDL"]) or m > 64:
+        return 0
+    return min(512, max(64, triton.next_power_of_2(k)))
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    # Start the DRAM read of each address's line into L2 now; the dummy result keeps the asm in the program.
+    return tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def prefetch_weight_l2(
+    W, n0, N, K, stride_wn, stride_wk, SPAN_K: tl.constexpr, BLOCK_N: tl.constexpr, K_CONTIGUOUS: tl.constexpr
+):
+    """Pull the first SPAN_K of K of this program's BLOCK_N weight rows into L2, one address per 128-byte line.
+
+    Weights never depend on the previous kernel, so this runs before wait_for_inputs and overlaps it."""
+    if K_CONTIGUOUS:  # [N, K]: a row's SPAN_K halves are SPAN_K // 64 lines
+        ks = tl.minimum(tl.arange(0, SPAN_K // 64) * 64, K - 1)
+        ns = (n0 + tl.arange(0, BLOCK_N)) % N
+        ptrs = W + ns.to(tl.int64)[:, None] * stride_wn + ks[None, :] * stride_wk
+    else:  # [K, N] (Conv1D): each of SPAN_K rows holds BLOCK_N contiguous halves
+        ks = tl.minimum(tl.arange(0, SPAN_K), K - 1)
+        if BLOCK_N >= 64:
+            ns = (n0 + tl.arange(0, BLOCK_N // 64) * 64) % N
+        else:
+            ns = (n0 + tl.arange(0, 1)) % N
+        ptrs = W + ks.to(tl.int64)[:, None] * stride_wk + ns[None, :] * stride_wn
+    _prefetch_l2(ptrs)

@@ -52,7 +52,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from kernl.kernels._gemm import accumulate_k_range, apply_activation, grouped_tile
-    from kernl.kernels._pdl import pdl_options, wait_for_inputs
+    from kernl.kernels._pdl import pdl_options, prefetch_span, prefetch_weight_l2, wait_for_inputs
 
     @triton.jit
     def split_k_partial_kernel(
@@ -76,11 +76,18 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
         USE_PDL: tl.constexpr,
+        PREFETCH_K: tl.constexpr,  # > 0: pull this much of the split's K range into L2 before waiting
+        W_K_CONTIGUOUS: tl.constexpr,
     ):
-        wait_for_inputs(USE_PDL)
         pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         split = tl.program_id(1)
         k_lo = split * K_PER
+        if PREFETCH_K > 0:
+            w_split = W + k_lo.to(tl.int64) * stride_wk
+            prefetch_weight_l2(
+                w_split, pid_n * BLOCK_N, N, K - k_lo, stride_wn, stride_wk, PREFETCH_K, BLOCK_N, W_K_CONTIGUOUS
+            )
+        wait_for_inputs(USE_PDL)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -178,6 +185,8 @@ if HAS_TRITON:
             num_warps=config["num_warps"],
             num_stages=config["num_stages"],
             **pdl,
+            PREFETCH_K=prefetch_span(pdl, m, k_per),
+            W_K_CONTIGUOUS=stride_wk == 1,
         )
         split_k_reduce_kernel[(_cdiv(m * n, _REDUCE_BLOCK),)](
             partials,

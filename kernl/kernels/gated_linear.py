@@ -37,7 +37,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from kernl.kernels._gemm import apply_activation, grouped_tile
-    from kernl.kernels._pdl import pdl_options, wait_for_inputs
+    from kernl.kernels._pdl import pdl_options, prefetch_span, prefetch_weight_l2, wait_for_inputs
 
     @triton.jit
     def gated_linear_kernel(
@@ -64,9 +64,13 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,  # row blocks per launch group, for L2 reuse of weight tiles
         USE_PDL: tl.constexpr,
+        PREFETCH_K: tl.constexpr,  # > 0: pull this much of both weights' K into L2 before waiting
     ):
-        wait_for_inputs(USE_PDL)
         pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        if PREFETCH_K > 0:
+            prefetch_weight_l2(WG, pid_n * BLOCK_N, N, K, stride_gn, stride_gk, PREFETCH_K, BLOCK_N, True)
+            prefetch_weight_l2(WU, pid_n * BLOCK_N, N, K, stride_un, stride_uk, PREFETCH_K, BLOCK_N, True)
+        wait_for_inputs(USE_PDL)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -108,6 +112,9 @@ if HAS_TRITON:
         n = y2.shape[1]
         key = (autotune_cache.dtype_name(x2.dtype), autotune_cache.bucket_m(m), n, k, activation)
         pdl = pdl_options(x2)
+        # The prefetch reads the weights as [N, K] rows: only where K is their contiguous dim.
+        k_rows = weight_gate.stride(1) == 1 and weight_up.stride(1) == 1
+        prefetch = prefetch_span(pdl, m, k) if k_rows else 0
 
         def run(config: dict[str, int]) -> None:
             # One program per output tile (plain ints: triton.cdiv costs microseconds per launch).
@@ -133,6 +140,7 @@ if HAS_TRITON:
                 EVEN_K=k % config["BLOCK_K"] == 0,
                 **config,
                 **pdl,
+                PREFETCH_K=prefetch,
             )
 
         candidates = gated_linear_configs(key[1], n, k, x2.element_size())

@@ -59,7 +59,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from kernl.kernels._gemm import accumulate_k_range, apply_activation, grouped_tile
-    from kernl.kernels._pdl import pdl_options, wait_for_inputs
+    from kernl.kernels._pdl import pdl_options, prefetch_span, prefetch_weight_l2, wait_for_inputs
     from kernl.kernels._split_k import launch_split_k
 
     @triton.jit
@@ -90,9 +90,13 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,  # row blocks per launch group, for L2 reuse of weight tiles
         USE_PDL: tl.constexpr,
+        PREFETCH_K: tl.constexpr,  # > 0: pull this much of the weight's K into L2 before waiting
+        W_K_CONTIGUOUS: tl.constexpr,
     ):
-        wait_for_inputs(USE_PDL)
         pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        if PREFETCH_K > 0:
+            prefetch_weight_l2(W, pid_n * BLOCK_N, N, K, stride_wn, stride_wk, PREFETCH_K, BLOCK_N, W_K_CONTIGUOUS)
+        wait_for_inputs(USE_PDL)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -146,6 +150,7 @@ if HAS_TRITON:
             weight_transposed,
         )
         pdl = pdl_options(x2)
+        prefetch = {"PREFETCH_K": prefetch_span(pdl, m, k), "W_K_CONTIGUOUS": stride_wk == 1}
 
         def run(config: dict[str, int]) -> None:
             if config.get(CUBLAS):
@@ -182,6 +187,7 @@ if HAS_TRITON:
                 EVEN_K=k % config["BLOCK_K"] == 0,
                 **config,
                 **pdl,
+                **prefetch,
             )
 
         heavy_epilogue = act != "none" or r2 is not None

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from kernl.runtime.dispatch import check_inputs, pad_into, pick_bucket, slice_output
+from kernl.runtime.dispatch import check_inputs, fill_inputs, pick_bucket, slice_output
 from kernl.runtime.graphs import BucketGraphs
 from kernl.runtime.output import BundleOutput
 from kernl.runtime.program import Program, own_outputs
@@ -50,8 +50,7 @@ class Bundle:
                 padded = self._graphs.static_inputs(bucket)
             else:
                 padded = [torch.empty(bucket, dtype=t.dtype, device=self.device) for t in real]
-            for name, dst, src in zip(self._input_order, padded, real):
-                pad_into(dst, src, is_mask=name == "attention_mask")
+            fill_inputs(padded, real, self._input_order)
             if self._graphs is not None:
                 # The next replay overwrites what the graph wrote: outputs left there are copied out.
                 sliced = self._slice(self._graphs.outputs(bucket), batch, seq)

@@ -73,6 +73,15 @@ def pad_into(dst: torch.Tensor, src: torch.Tensor, *, is_mask: bool) -> None:
         dst[b:, 0] = 1
 
 
+def fill_inputs(dsts: list[torch.Tensor], srcs: list[torch.Tensor], names: list[str]) -> None:
+    """pad_into for each input; where every input fits its buffer exactly, one copy launch for all."""
+    if all(d.shape == s.shape and d.dtype == s.dtype and d.device == s.device for d, s in zip(dsts, srcs)):
+        torch._foreach_copy_(dsts, srcs)
+        return
+    for name, dst, src in zip(names, dsts, srcs):
+        pad_into(dst, src, is_mask=name == "attention_mask")
+
+
 def slice_output(out: torch.Tensor, dims: list, batch: int, seq: int) -> torch.Tensor:
     index = tuple(slice(0, batch) if d == "batch" else slice(0, seq) if d == "seq" else slice(None) for d in dims)
     return out[index]

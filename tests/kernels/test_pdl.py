@@ -28,7 +28,7 @@ def _decoder_chain(x, weights, cos, sin, heads, kv_heads):
         v = v.view(batch, seq, kv_heads, head_dim).transpose(1, 2)
         q, k = rotary(q, k, cos, sin)
         o = attention(q, k, v, causal=True).transpose(1, 2).reshape(batch, seq, hidden)
-        x = linear(o, w_o, residual=x)
+        x = linear(o, w_o, residual=x, weight_transposed=True)  # [in, out], as GPT-2's Conv1D stores it
         h = rms_norm(x, w_norm, 1e-6)
         x = linear(gated_linear(h, w_gate, w_up), w_down, residual=x)
     return x

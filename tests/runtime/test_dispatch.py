@@ -57,3 +57,18 @@ def test_bad_calls_raise_input_error(loaded, inputs, match):
 
 def test_input_error_is_a_value_error():
     assert issubclass(kernl.InputError, ValueError) and issubclass(kernl.InputError, kernl.KernlError)
+
+
+def test_fill_inputs_copies_exact_fits_and_pads_the_rest():
+    from kernl.runtime.dispatch import fill_inputs
+
+    ids, mask = torch.randint(0, 1000, (2, 5)), torch.randint(0, 2, (2, 5))
+    exact = [torch.full((2, 5), -1), torch.full((2, 5), -1)]
+    fill_inputs(exact, [ids, mask], ["input_ids", "attention_mask"])
+    assert torch.equal(exact[0], ids) and torch.equal(exact[1], mask)
+
+    padded = [torch.full((3, 8), -1), torch.full((3, 8), -1)]
+    fill_inputs(padded, [ids, mask], ["input_ids", "attention_mask"])
+    assert torch.equal(padded[0][:2, :5], ids) and torch.equal(padded[1][:2, :5], mask)
+    assert padded[0][2:].eq(0).all() and padded[0][:, 5:].eq(0).all()
+    assert padded[1][2, 0] == 1 and padded[1][2, 1:].eq(0).all()  # a padded row keeps one visible position

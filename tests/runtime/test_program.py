@@ -13,6 +13,16 @@ def test_only_outputs_in_graph_memory_are_copied():
     assert owned[1] is fresh
 
 
+def test_several_outputs_in_graph_memory_are_each_copied():
+    static = [torch.randn(4, 6), torch.randn(3), torch.randn(2, 5)]
+    fresh = torch.randn(5)
+    owned = own_outputs([static[0], fresh, static[1], static[2][:, :4]], storages(static))
+    assert owned[1] is fresh
+    for got, want in zip([owned[0], owned[2], owned[3]], [static[0], static[1], static[2][:, :4]]):
+        assert got.untyped_storage().data_ptr() not in storages(static)
+        assert got.is_contiguous() and torch.equal(got, want)
+
+
 def test_sliced_outputs_come_out_compact():
     static, fresh = torch.randn(4, 6), torch.randn(4, 6)
     owned = own_outputs([static[:3, :5], fresh[:3, :5]], storages([static]))
