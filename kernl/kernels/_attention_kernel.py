@@ -274,11 +274,12 @@ def attention_config(
     if block_d > 128:
         # d 256: Q 32 KB + two 32 KB K/V stages; 8 warps split the 64x256 accumulator (~190 registers).
         return AttentionConfig(64, 32, 8, 2)
-    if block_d <= 64 and (seq_q <= 32 or batch_heads * triton.cdiv(seq_q, 64) <= 32):
-        # Batch-1 inference: 64-row tiles would give a few dozen programs on 132 SMs. 16-row tiles on one
-        # warp (mma, not wgmma) give 4x the programs; on the H100 they were 7-23% faster at seq 16-128
-        # with 12 heads (benchmarks/attention_tiles.py), and slower once there are 64+ programs of 64 rows.
-        return AttentionConfig(16, 32, 1, 2) if seq_q <= 32 else AttentionConfig(16, 64, 1, 3)
+    if block_d <= 64 and seq_q <= 32 and batch_heads <= 32:
+        # Batch-1 inference on short queries: 64-row tiles would give a few dozen programs on 132 SMs. 16-row
+        # tiles on one warp (mma, not wgmma) give 4x the programs: 7-23% faster alone at 12 heads on the H100
+        # (benchmarks/attention_tiles.py). At seq 128 they won alone too but lost inside bert's graph
+        # (profile_graph.py --ab attention: 58.6 against 54.8 µs), so longer queries keep 64-row tiles.
+        return AttentionConfig(16, 32, 1, 2)
     if seq_q <= 64 or batch_heads * triton.cdiv(seq_q, 128) < _sm_count(device.index or 0):
         # Short queries, or too few 128-row programs to fill the GPU: 64 rows a program.
         return AttentionConfig(64, 64, 4, 3)
