@@ -66,6 +66,9 @@ def _reserved_by_load(path) -> int:
     base = torch.cuda.memory_reserved()
     bundle = kernl.load(path)
     torch.cuda.synchronize()
+    # What the bundle holds, not what the allocator caches: a warm-up that ran a cuBLAS GEMM leaves its
+    # 32 MiB workspace free in the default pool, and whether one ran depends on the tuner's picks.
+    torch.cuda.empty_cache()
     used = torch.cuda.memory_reserved() - base
     del bundle
     torch.cuda.empty_cache()
