@@ -36,8 +36,8 @@ def storages(tensors: Sequence) -> set[int]:
 def own_outputs(outputs: Sequence[torch.Tensor], graph_memory: set[int]) -> list[torch.Tensor]:
     """Copy the outputs that live in a graph's static memory (the next replay overwrites it); the tail's
     fresh outputs are returned as they are. A padded output, sliced, is made compact."""
-    owned = [out if out.untyped_storage().data_ptr() in graph_memory else out.contiguous() for out in outputs]
     in_graph = [i for i, out in enumerate(outputs) if out.untyped_storage().data_ptr() in graph_memory]
+    owned = [out if i in in_graph else out.contiguous() for i, out in enumerate(outputs)]
     if in_graph:
         copies = [torch.empty(outputs[i].shape, dtype=outputs[i].dtype, device=outputs[i].device) for i in in_graph]
         # One launch for all of them: at batch 1 each separate clone costs more host time than GPU time.
