@@ -1,7 +1,8 @@
 """Programmatic dependent launch (Hopper and later): a kernel is launched while the one before it finishes.
 
-Every kernl kernel starts with `wait_for_inputs(USE_PDL)`: it waits until the previous kernel's writes are
-visible, then lets the next kernel launch. So at most one kernel is in flight ahead of the one running, and
+Every kernl kernel calls `wait_for_inputs(USE_PDL)` before it touches an activation: it waits until the previous
+kernel's writes are visible, then lets the next kernel launch (GEMMs first prefetch their weights, which no
+kernel writes). So at most one kernel is in flight ahead of the one running, and
 its launch latency and block scheduling overlap the tail of its predecessor instead of following it. Inside
 a CUDA graph of ~100 small kernels that is one launch gap saved per kernel boundary.
 
@@ -45,7 +46,7 @@ def use_pdl(t: torch.Tensor) -> bool:
 
 @triton.jit
 def wait_for_inputs(USE_PDL: tl.constexpr):
-    # First statement of every kernel: nothing may be read from, or written to, activations before it.
+    # Before any activation is read or written; only index arithmetic and weight prefetches may precede it.
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
