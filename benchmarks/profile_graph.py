@@ -29,7 +29,7 @@ def kernel_table(bundle, bucket: tuple[int, int], calls: int) -> tuple[list[tupl
     """(kernel name, launches per call, µs per call) sorted by time, and the summed kernel µs per call."""
     from torch.profiler import ProfilerActivity, profile
 
-    graphs = bundle._graphs
+    graphs = bundle._runner.graphs
     for _ in range(3):
         graphs.outputs(bucket)
     torch.cuda.synchronize()
@@ -53,12 +53,12 @@ def host_breakdown(bundle, inputs: dict[str, torch.Tensor], bucket: tuple[int, i
 
     from kernl.runtime.dispatch import check_inputs, fill_inputs
 
-    graphs = bundle._graphs
+    graphs, names = bundle._runner.graphs, bundle._runner.input_names
     static = graphs.static_inputs(bucket)
     values = graphs.replay(bucket)
     steps = {
-        "check_inputs": lambda: check_inputs(inputs, bundle._inputs, bundle.buckets),
-        "input copies": lambda: fill_inputs(static, [inputs[n] for n in bundle._input_order], bundle._input_order),
+        "check_inputs": lambda: check_inputs(inputs, bundle._spec.inputs, bundle.buckets),
+        "input copies": lambda: fill_inputs(static, [inputs[n] for n in names], names),
         "graph launch": lambda: graphs.replay(bucket),
         "tail": lambda: (
             graphs.program.tail(graphs.device, *graphs.weights, *values) if graphs.tail_outside[bucket] else None
@@ -104,7 +104,7 @@ def main() -> None:
     device = torch.device("cuda")
     with torch.inference_mode():
         call_ms = median_ms(lambda: bundle(**inputs), device, warmup=10, runs=200)
-        replay_ms = median_ms(lambda: bundle._graphs.replay((batch, seq)), device, warmup=10, runs=200)
+        replay_ms = median_ms(lambda: bundle._runner.graphs.replay((batch, seq)), device, warmup=10, runs=200)
         rows, kernel_us, prof = kernel_table(bundle, (batch, seq), args.calls)
         host = host_breakdown(bundle, inputs, (batch, seq))
     if args.trace:
@@ -180,7 +180,7 @@ def compare_variants(path: Path, inputs: dict, bucket: tuple[int, int], calls: i
         for round_ in range(3):
             for name, bundle in bundles.items():
                 call_ms = median_ms(lambda b=bundle: b(**inputs), device, warmup=10, runs=300)
-                replay_ms = median_ms(lambda b=bundle: b._graphs.replay(bucket), device, warmup=10, runs=300)
+                replay_ms = median_ms(lambda b=bundle: b._runner.graphs.replay(bucket), device, warmup=10, runs=300)
                 rows, kernel_us, _ = kernel_table(bundle, bucket, calls)
                 attention_us = sum(us for n, _, us in rows if "attention" in n)
                 print(

@@ -34,7 +34,8 @@ def compile(
 
     options: tokenizer (saved into the bundle), overwrite (replace an existing output_dir), archive (also
     write the one-file form, output_dir + ".kernl"), progress (a callable given each stage's name),
-    metadata (extra JSON entries for the manifest, e.g. {"task": ...}).
+    metadata (extra JSON entries for the manifest, e.g. {"task": ...}), sign_key (an Ed25519 private key, PEM
+    path or bytes, that signs the bundle).
     """
     from kernl.compiler import compile_model
 
@@ -44,7 +45,11 @@ def compile(
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, **options) -> Bundle:
-    """Load a bundle; the result is called with the model's keyword inputs. options: verify, cuda_graphs."""
+    """Load a bundle; the result is called with the model's keyword inputs. Loading runs no code from the bundle.
+
+    options: verify, cuda_graphs, capture ("all" at load or "lazy" on a bucket's first call), recompile,
+    trusted_keys (Ed25519 public keys; unsigned or foreign bundles are refused). See kernl.runtime.load.
+    """
     from kernl.runtime import load as _load
 
     return _load(path, device=device, **options)

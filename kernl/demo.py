@@ -25,16 +25,12 @@ SENTENCES = [
 CHILD = r"""
 import json, sys, time
 import torch, kernl
-from tokenizers import Tokenizer
 bundle_dir, out_path = sys.argv[1], sys.argv[2]
 sentences = json.loads(sys.argv[3])
 t0 = time.perf_counter()
 bundle = kernl.load(bundle_dir)
-tok = Tokenizer.from_file(f"{bundle_dir}/tokenizer/tokenizer.json")
-tok.enable_padding()
-enc = tok.encode_batch(sentences)
-ids = torch.tensor([e.ids for e in enc])
-mask = torch.tensor([e.attention_mask for e in enc])
+encoded = bundle.tokenizer(sentences)
+ids, mask = encoded["input_ids"], encoded["attention_mask"]
 hidden = bundle(input_ids=ids, attention_mask=mask).last_hidden_state
 load_s = time.perf_counter() - t0
 times = []

@@ -10,6 +10,10 @@ if not HAS_CUDA:
     # Must be set before kernl's kernels are imported: @triton.jit reads it at decoration time.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from kernl.kernels import register_ops  # noqa: E402 - after TRITON_INTERPRET: @triton.jit reads it
+
+register_ops()  # tests call torch.ops.kernl.* directly
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
@@ -34,11 +38,3 @@ def tiny_bert_bundle(tmp_path_factory):
     model = tiny_bert()
     path = kernl.compile(model, tmp_path_factory.mktemp("bundles") / "bert", buckets=[(2, 16), (4, 32)], device="cpu")
     return model, path
-
-
-@pytest.fixture(autouse=True)
-def _skip_seal(request, monkeypatch):
-    """CUDA bundles are sealed by loading them in a fresh process: seconds per compile. Tests skip it unless
-    they are about cold loads (marked `seal`); bundles built by wider-scoped fixtures are sealed as usual."""
-    if "seal" not in request.keywords:
-        monkeypatch.setattr("kernl.compiler.build.warm_in_fresh_process", lambda root: None)

@@ -121,4 +121,5 @@ def test_inference_mode_and_autocast_fp16_on_cuda():
         )
         assert cos >= 0.999
     (programs,) = model.forward.programs.values()
-    assert set(programs[0].graphs) == {(2, 64), (8, 128)}  # one CUDA graph a bucket, replayed on the third call
+    # One CUDA graph a bucket, replayed on the third call.
+    assert set(programs[0].runner.graphs.entries) == {(2, 64), (8, 128)}

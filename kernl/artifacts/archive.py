@@ -1,55 +1,261 @@
-"""The one-file form of a bundle: an uncompressed tar of its folder (weights do not compress)."""
+"""The one-file form of a bundle: an uncompressed tar of its listed files, manifest.json first.
+
+Unpacking trusts nothing in the archive. It refuses compressed archives, reads the manifest member first, and
+writes only the regular files that manifest lists, at their listed sizes (and hashes, with verify), into a
+temporary folder that is renamed into kernl's cache once complete, so several processes may unpack one archive
+at once. A cached extraction passes open_bundle's checks, and with verify every hash, before it is reused;
+a damaged one is extracted again.
+"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
+import re
+import shutil
 import tarfile
 import tempfile
+import uuid
 from pathlib import Path
+from typing import BinaryIO
 
+from kernl.artifacts.manifest import MANIFEST
+from kernl.artifacts.reader import MAX_MANIFEST_BYTES, VerifiedBundle, open_folder, parse_manifest
 from kernl.errors import BundleError
 
 SUFFIX = ".kernl"
+CHUNK = 1 << 22
+ATTEMPTS = 3
+# Leading bytes of the compressed formats people may hand us instead of a kernl archive.
+_COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"\x04\x22\x4d\x18": "lz4",
+    b"\x5d\x00\x00": "lzma",
+    b"PK\x03\x04": "zip",
+    b"7z\xbc\xaf\x27\x1c": "7z",
+}
+_FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)
 
 
-def pack(bundle_dir: Path, archive: Path | None = None) -> Path:
-    """Write bundle_dir as one archive file (atomically) next to it, or at archive."""
-    archive = archive or bundle_dir.with_name(bundle_dir.name + SUFFIX)
-    fd, tmp = tempfile.mkstemp(prefix=f".{archive.name}.", dir=archive.parent)
-    os.close(fd)
-    try:
-        with tarfile.open(tmp, "w") as tar:
-            for path in sorted(bundle_dir.rglob("*")):
-                tar.add(path, arcname=path.relative_to(bundle_dir).as_posix(), recursive=False)
-        os.replace(tmp, archive)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def cache_root() -> Path:
+    """Where archives are unpacked: bundles/ in kernl's per-machine cache ($KERNL_CACHE, else ~/.cache/kernl)."""
+    return Path(os.environ.get("KERNL_CACHE") or Path.home() / ".cache" / "kernl") / "bundles"
+
+
+def pack(bundle_dir: str | os.PathLike, archive: str | os.PathLike | None = None) -> Path:
+    """Write the bundle folder as one archive file (atomically, readable by all) next to it, or at archive.
+
+    Only what the manifest lists goes in, manifest.json first; a folder with unlisted files or links is refused.
+    """
+    bundle_dir = Path(bundle_dir)
+    archive = Path(archive) if archive is not None else bundle_dir.with_name(bundle_dir.name + SUFFIX)
+    with open_folder(bundle_dir, verify=False) as bundle:
+        fd, tmp = tempfile.mkstemp(prefix=f".{archive.name}.", dir=archive.parent)
+        try:
+            with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                _add(tar, MANIFEST, io.BytesIO(bundle.manifest_bytes), len(bundle.manifest_bytes))
+                for rel in bundle.names():
+                    with bundle.open(rel) as f:
+                        _add(tar, rel, f, bundle.entry(rel)["size"])
+            os.chmod(tmp, 0o644)  # mkstemp creates it 0600
+            os.replace(tmp, archive)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return archive
 
 
-def unpack(archive: Path, cache_root: Path | None = None) -> Path:
-    """Extract once into a cache folder named by the archive's hash; later loads reuse it."""
-    digest = hashlib.sha256()
-    with open(archive, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    root = cache_root or Path(os.environ.get("KERNL_CACHE", Path.home() / ".cache" / "kernl"))
-    target = root / f"{archive.stem}-{digest.hexdigest()[:16]}"
-    if (target / "manifest.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
-    try:
-        with tarfile.open(archive, "r") as tar:
-            tar.extractall(tmp, filter="data")  # refuses absolute paths, links out and device files
-        os.replace(tmp, target)
-    except (tarfile.TarError, OSError) as err:
-        raise BundleError(f"{archive}: not a readable kernl archive ({err})") from None
-    finally:
-        if tmp.exists():
-            import shutil
+def _add(tar: tarfile.TarFile, name: str, f: BinaryIO, size: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, 0o644, 0  # no owner, no time: the same bundle packs to the same bytes
+    tar.addfile(info, f)
 
+
+def unpack(archive: str | os.PathLike, cache_root: Path | None = None, *, verify: bool = True) -> Path:
+    """The folder of the archive's checked extraction in kernl's cache (see open_archive)."""
+    with open_archive(archive, verify=verify, cache=cache_root) as bundle:
+        return bundle.root
+
+
+def open_archive(archive: str | os.PathLike, *, verify: bool = True, cache: Path | None = None) -> VerifiedBundle:
+    """open_bundle for a .kernl archive: its extraction in the cache folder (default cache_root()) named by the
+    sha256 of its manifest, which pins every file's sha256. Extracted once; reused after checks."""
+    archive = Path(archive)
+    root = Path(cache) if cache is not None else cache_root()
+    try:
+        for _ in range(ATTEMPTS):
+            with _Archive(archive) as source:
+                target = root / f"{_stem(archive)}-{hashlib.sha256(source.manifest_bytes).hexdigest()[:32]}"
+                bundle = _reuse(target, source.manifest_bytes, verify=verify, check_hashes=True)
+                if bundle is not None:
+                    break
+                _discard(target)
+                tmp = source.extract(root, target.name, verify=verify)
+            try:
+                os.rename(tmp, target)
+            except OSError as err:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                continue  # another process finished first: theirs is checked next
+            # Just written from the archive and hashed as it was: read() and load_weights hash again as they read.
+            bundle = _reuse(target, source.manifest_bytes, verify=verify, check_hashes=False)
+            if bundle is not None:
+                break
+        else:
+            raise BundleError(f"{archive}: its extraction in {root} keeps failing its checks")
+    except OSError as err:
+        raise BundleError(f"{archive}: cannot be unpacked into {root} ({err.strerror or err})") from None
+    bundle.archive = archive
+    return bundle
+
+
+def _stem(archive: Path) -> str:
+    name = archive.name.removesuffix(SUFFIX)
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:64].lstrip(".") or "bundle"
+
+
+def _reuse(target: Path, manifest_bytes: bytes, *, verify: bool, check_hashes: bool) -> VerifiedBundle | None:
+    """The extraction at target when it passes open_bundle's checks and holds this archive's manifest; None if
+    it is absent or damaged."""
+    try:
+        bundle = open_folder(target, verify=verify, follow=False)  # a link planted in the cache is not followed
+    except BundleError:
+        return None
+    try:
+        if bundle.manifest_bytes != manifest_bytes:
+            raise BundleError("another manifest")
+        if check_hashes:
+            bundle.check_all()
+    except BundleError:
+        bundle.close()
+        return None
+    return bundle
+
+
+def _discard(target: Path) -> None:
+    """Move a damaged extraction out of the way (atomically, so no one opens half of it), then delete it."""
+    trash = target.with_name(f".{target.name}.stale-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(target, trash)
+    except FileNotFoundError:
+        return
+    if trash.is_dir() and not trash.is_symlink():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink(missing_ok=True)
+
+
+class _Archive:
+    """An open archive whose manifest member (the first) has been read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by __exit__
+        try:
+            self.size = os.fstat(self._file.fileno()).st_size
+            magic = self._file.read(8)
+            for signature, kind in _COMPRESSED.items():
+                if magic.startswith(signature):
+                    raise BundleError(f"{path}: {kind}-compressed; a kernl archive is an uncompressed tar")
+            self._file.seek(0)
+            self._tar = tarfile.open(fileobj=self._file, mode="r:")
+            self.manifest_bytes = self._read_manifest()
+        except (tarfile.TarError, EOFError, ValueError) as err:
+            self._file.close()
+            raise BundleError(f"{path}: not a readable kernl archive ({err})") from None
+        except BaseException:
+            self._file.close()
+            raise
+
+    def __enter__(self) -> _Archive:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def _read_manifest(self) -> bytes:
+        member = self._tar.next()
+        if member is None or member.name != MANIFEST or not _regular(member):
+            raise BundleError(f"{self.path}: not a kernl archive ({MANIFEST} is not its first member)")
+        if member.size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{self.path}: its {MANIFEST} is larger than {MAX_MANIFEST_BYTES >> 20} MiB")
+        raw = self._tar.extractfile(member).read()
+        if len(raw) != member.size:
+            raise BundleError(f"{self.path}: truncated")
+        return raw
+
+    def extract(self, root: Path, name: str, *, verify: bool) -> Path:
+        """The listed files into a new temporary folder under root; returns it. Anything else in the archive
+        (a member not listed, a link, a device, a sparse file, a second copy) refuses the whole archive."""
+        where = f"{self.path}:{MANIFEST}"
+        files = parse_manifest(self.manifest_bytes, where, verify=verify)["files"]
+        if sum(entry["size"] for entry in files.values()) > self.size:
+            raise BundleError(f"{where}: lists more bytes than the archive holds")
+        max_members = 2 * len(files) + 1  # the files, their folders, the manifest
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=root))
+        try:
+            written: set[str] = set()
+            count = 1
+            while (member := self._tar.next()) is not None:
+                count += 1
+                if count > max_members:
+                    raise BundleError(f"{self.path}: more members than its manifest lists files and folders")
+                if member.isdir():
+                    continue  # folders are made for the files they hold
+                entry = files.get(member.name)
+                if not _regular(member):
+                    raise BundleError(f"{self.path}: member {member.name!r} is not a regular file")
+                if entry is None:
+                    raise BundleError(f"{self.path}: member {member.name!r} is not listed in its manifest")
+                if member.name in written:
+                    raise BundleError(f"{self.path}: member {member.name!r} appears twice")
+                if member.size != entry["size"]:
+                    raise BundleError(f"{self.path}: member {member.name!r} is not its listed size")
+                self._write(member, tmp, entry["sha256"] if verify else None)
+                written.add(member.name)
+            missing = sorted(set(files) - written)
+            if missing:
+                raise BundleError(f"{self.path}: {missing[0]} is listed in its manifest but not in the archive")
+            (tmp / MANIFEST).write_bytes(self.manifest_bytes)
+            for folder, _, names in os.walk(tmp):
+                os.chmod(folder, 0o755)  # mkdtemp makes it 0700
+                for n in names:
+                    os.chmod(os.path.join(folder, n), 0o644)
+        except (tarfile.TarError, EOFError, ValueError) as err:
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
+            raise BundleError(f"{self.path}: not a readable kernl archive ({err})") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return tmp
+
+    def _write(self, member: tarfile.TarInfo, tmp: Path, sha256: str | None) -> None:
+        # Member names passed the manifest's path checks (relative, no '..'), and tmp is our own new folder.
+        dest = tmp.joinpath(*member.name.split("/"))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        digest = hashlib.sha256()
+        source = self._tar.extractfile(member)
+        with os.fdopen(fd, "wb") as out:
+            left = member.size
+            while left:
+                block = source.read(min(CHUNK, left))
+                if not block:
+                    raise BundleError(f"{self.path}: truncated in member {member.name!r}")
+                if sha256 is not None:
+                    digest.update(block)
+                out.write(block)
+                left -= len(block)
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise BundleError(f"{self.path}: member {member.name!r}: sha256 does not match its manifest")
+
+
+def _regular(member: tarfile.TarInfo) -> bool:
+    return member.type in _FILE_TYPES and not member.issparse()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 from typing import Any
 
 import torch
@@ -14,6 +15,11 @@ from kernl.errors import BundleError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 REQUIRED_KEYS = ("format_version", "versions", "target", "dtype", "inputs", "outputs", "buckets", "program", "files")
+# Keys outside the digest: the digest itself, and the signature that signs it.
+UNDIGESTED_KEYS = ("digest", "signature")
+MAX_FILES = 100_000
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def library_versions() -> dict[str, str | None]:
@@ -43,8 +49,8 @@ def describe_target(device: torch.device) -> dict[str, Any]:
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
-    """sha256 of the manifest's canonical JSON without its own digest: an edit anywhere changes it."""
-    body = {k: v for k, v in manifest.items() if k != "digest"}
+    """sha256 of the manifest's canonical JSON without its digest and signature: an edit anywhere else changes it."""
+    body = {k: v for k, v in manifest.items() if k not in UNDIGESTED_KEYS}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -60,6 +66,32 @@ def validate(manifest: Any) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise BundleError(f"{MANIFEST}: missing keys {', '.join(missing)}")
-    if not isinstance(manifest["files"], dict) or not manifest["files"]:
+    files = manifest["files"]
+    if not isinstance(files, dict) or not files:
         raise BundleError(f"{MANIFEST}: 'files' must list the bundle's files")
+    if len(files) > MAX_FILES:
+        raise BundleError(f"{MANIFEST}: lists {len(files)} files, more than a bundle holds ({MAX_FILES})")
+    for rel, entry in files.items():
+        check_path(rel)
+        size = entry.get("size") if isinstance(entry, dict) else None
+        sha = entry.get("sha256") if isinstance(entry, dict) else None
+        if type(size) is not int or size < 0 or not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            raise BundleError(f"{MANIFEST}: the entry of {rel!r} needs a size in bytes and a sha256 in hex")
     return manifest
+
+
+def check_path(rel: Any) -> str:
+    """A listed path must name a file inside the bundle: relative, '/'-separated, no '.', '..' or empty parts,
+    no backslash (a separator elsewhere) and no control characters; manifest.json itself is never listed."""
+    ok = (
+        isinstance(rel, str)
+        and 0 < len(rel) <= 1024
+        and not rel.startswith("/")
+        and "\\" not in rel
+        and not _CONTROL.search(rel)
+        and all(part not in ("", ".", "..") for part in rel.split("/"))
+        and rel != MANIFEST
+    )
+    if not ok:
+        raise BundleError(f"{MANIFEST}: listed path {rel!r} does not name a file inside the bundle")
+    return rel

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kernl.artifacts.hashing import sha256_file
-from kernl.artifacts.manifest import MANIFEST, manifest_digest
+from kernl.artifacts.manifest import MANIFEST, UNDIGESTED_KEYS, manifest_digest
 from kernl.errors import KernlError
 
 
@@ -43,25 +45,51 @@ class BundleWriter:
         path.write_text(text)
         return path
 
-    def write_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Hash every file and write manifest.json (last), inside the hidden folder; returns what was written."""
+    def write_manifest(
+        self, manifest: dict[str, Any], *, sign: Callable[[str], dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """List and hash every file, and write manifest.json (last) inside the hidden folder; returns what was
+        written. sign, when given, is called with the digest; its result is stored as manifest["signature"]."""
         files = {}
-        for path in sorted(p for p in self.root.rglob("*") if p.is_file() and p.name != MANIFEST):
+        for path in self._files():
             rel = path.relative_to(self.root).as_posix()
-            files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-        manifest = {**manifest, "files": files}
+            if rel != MANIFEST:
+                files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        manifest = {k: v for k, v in manifest.items() if k not in UNDIGESTED_KEYS}
+        manifest["files"] = files
         manifest["digest"] = manifest_digest(manifest)
+        if sign is not None:
+            manifest["signature"] = sign(manifest["digest"])
         tmp = self.root / (MANIFEST + ".partial")
         with open(tmp, "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=False)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, self.root / MANIFEST)
         return manifest
 
-    def commit(self, manifest: dict[str, Any]) -> Path:
-        """Write the manifest and move the folder into place."""
-        self.write_manifest(manifest)
+    def _files(self) -> list[Path]:
+        """Every file under the folder, sorted, made readable by all (0644, folders 0755: mkstemp and some
+        writers create files 0600); a link or anything but a regular file is a KernlError."""
+        found = []
+        os.chmod(self.root, 0o755)
+        for folder, dirs, names in os.walk(self.root):
+            for name in sorted(dirs + names):
+                path = Path(folder) / name
+                mode = path.lstat().st_mode
+                if stat.S_ISDIR(mode):
+                    os.chmod(path, 0o755)
+                elif stat.S_ISREG(mode):
+                    os.chmod(path, 0o644)
+                    found.append(path)
+                else:
+                    raise KernlError(f"{path}: a bundle holds regular files and folders only (no links)")
+        return sorted(found)
+
+    def commit(self, manifest: dict[str, Any], *, sign: Callable[[str], dict[str, Any]] | None = None) -> Path:
+        """Write the manifest (signed by sign, when given) and move the folder into place."""
+        self.write_manifest(manifest, sign=sign)
         old = None
         if self.output.exists():
             old = self.output.parent / f".{self.output.name}.kernl-old-{uuid.uuid4().hex[:8]}"

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from kernl.commands.bundle_path import bundle_root, load_bundle
+from kernl.commands.bundle_path import load_bundle, trusted_key_option
 from kernl.commands.errors import CliError, Command, first_line
 
 # Ways to run the original model: name -> torch.compile mode (None: eager).
@@ -89,8 +89,16 @@ def _bench_bucket(loaded, runners: dict[str, Any], inputs: dict[str, Any], *, wa
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: the bundle's target")
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(1), help="timed runs per measure")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0), help="untimed runs first")
+@trusted_key_option
 def bench_command(
-    bundle: Path, against: str, json_path: Path | None, source: str | None, device: str | None, runs: int, warmup: int
+    bundle: Path,
+    against: str,
+    json_path: Path | None,
+    source: str | None,
+    device: str | None,
+    runs: int,
+    warmup: int,
+    trusted_keys: tuple[Path, ...],
 ) -> None:
     """Latency of BUNDLE per bucket, beside the original model run eagerly and under torch.compile."""
     baselines = parse_against(against)
@@ -99,8 +107,7 @@ def bench_command(
     from kernl.artifacts.manifest import library_versions
     from kernl.commands.describe import table
 
-    root = bundle_root(bundle)
-    loaded = load_bundle(root, device)
+    loaded = load_bundle(bundle, device, trusted_keys)
     manifest, dev = loaded.manifest, loaded.device
     model = _original_model(manifest, source, dev) if baselines else None
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or manifest.get("vocab_size") or 100)
@@ -123,7 +130,7 @@ def bench_command(
     click.echo(table(headers, rows))
     if json_path is not None:
         report = {
-            "bundle": str(root),
+            "bundle": str(bundle),
             "model": manifest.get("model"),
             "dtype": manifest["dtype"],
             "device": dev.type,

@@ -69,6 +69,19 @@ def _metadata(task: str, source: str, config: Any, limit: int | None) -> dict[st
     return meta
 
 
+def _load_sign_key(path: Path | None):
+    """The Ed25519 private key of --sign, loaded before anything is compiled; CliError when it cannot be."""
+    if path is None:
+        return None
+    from kernl.artifacts.signing import load_private_key
+    from kernl.errors import KernlError
+
+    try:
+        return load_private_key(path)
+    except KernlError as err:
+        raise CliError(f"--sign: {err}") from None
+
+
 def _load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
@@ -89,6 +102,13 @@ def _load_tokenizer(source: str):
 @click.option("--task", type=click.Choice(TASKS), default="auto", show_default=True, help="auto: from the config")
 @click.option("--archive", is_flag=True, help="also write the one-file form, BUNDLE.kernl")
 @click.option("--force", is_flag=True, help="replace an existing output")
+@click.option(
+    "--sign",
+    "sign_key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="sign the bundle with this Ed25519 private key (PEM, from kernl keygen)",
+)
 @click.pass_context
 def compile_command(
     ctx: click.Context,
@@ -102,6 +122,7 @@ def compile_command(
     task: str,
     archive: bool,
     force: bool,
+    sign_key: Path | None,
 ) -> None:
     """Compile a Hugging Face MODEL (local directory or cached hub id) into a kernl bundle."""
     # Every check runs before anything heavy is loaded or written.
@@ -111,11 +132,12 @@ def compile_command(
     source, config = _load_config(model)
     task = infer_task(getattr(config, "architectures", None)) if task == "auto" else task
     limit = _check_lengths(bucket_list, config)
+    private_key = _load_sign_key(sign_key)
 
     import torch
 
     import kernl
-    from kernl.artifacts.reader import read_manifest
+    from kernl.artifacts.reader import open_bundle
     from kernl.commands.describe import compile_summary, human_size
     from kernl.commands.progress import StageProgress
     from kernl.errors import KernlError
@@ -138,12 +160,14 @@ def compile_command(
             archive=archive,
             progress=progress,
             metadata=_metadata(task, source, config, limit),
+            sign_key=private_key,
         )
     except KernlError as err:
         raise CliError(str(err), exit_code=1) from None
     finally:
         progress.close()
-    click.echo(compile_summary(read_manifest(path, verify=False), str(path)))
+    with open_bundle(path, verify=False) as written:
+        click.echo(compile_summary(written.manifest, str(path)))
     if archive:
         packed = path.with_name(path.name + ARCHIVE_SUFFIX)
         click.echo(f"\narchive: {packed} ({human_size(packed.stat().st_size)})")

@@ -88,6 +88,24 @@ def files_table(manifest: dict[str, Any], manifest_size: int = 0) -> str:
     return table(("file", "size"), rows)
 
 
+def signature_text(manifest: dict[str, Any]) -> str:
+    """Who signed the bundle, and whether the signature is intact (whether to trust the key is the loader's call:
+    kernl.load(..., trusted_keys=[...]))."""
+    from kernl.artifacts.signing import check_signature, embedded_public_key
+    from kernl.errors import BundleError, KernlError
+
+    try:
+        key_id = check_signature(manifest, None)
+        if key_id is None:
+            return "unsigned"
+        check_signature(manifest, [embedded_public_key(manifest)])
+    except BundleError as err:
+        return f"invalid: {err}"
+    except KernlError:  # no cryptography library here: the key is named, the signature not checked
+        return f"signed by {key_id} (not checked: pip install 'kernl[sign]')"
+    return f"signed by {key_id}"
+
+
 def compile_summary(manifest: dict[str, Any], path: str) -> str:
     """What `kernl-compile` prints at the end."""
     head = fields(
@@ -100,6 +118,7 @@ def compile_summary(manifest: dict[str, Any], path: str) -> str:
             ("rewrites", rewrites_text(manifest)),
             ("kernels", f"{kernel_count(manifest)} compiled Triton kernels"),
             ("size", f"{human_size(bundle_bytes(manifest))} in {len(manifest['files']) + 1} files"),
+            ("signature", signature_text(manifest)),
         ],
     )
     return "\n\n".join((head, stages_table(manifest), checks_table(manifest)))

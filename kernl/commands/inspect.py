@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from kernl.commands.bundle_path import bundle_root
+from kernl.commands.bundle_path import bundle_root, check_bundle_path, trusted_key_option
 from kernl.commands.describe import (
     buckets_text,
     checks_table,
@@ -47,31 +47,55 @@ def loadability(manifest: dict[str, Any], problem: str | None = None) -> tuple[b
     return True, f"yes, on cuda ({torch.cuda.get_device_name()}) with its compiled kernels"
 
 
-def _read(root: Path) -> tuple[dict[str, Any], str | None]:
-    """The manifest, and the integrity problem when the bundle does not verify (then it is described as read)."""
+def _read(path: Path) -> tuple[dict[str, Any], Path, str | None]:
+    """The manifest, the bundle's folder, and the integrity problem when the bundle does not verify (then the
+    manifest is described as read, unverified)."""
     import json
 
     from kernl.artifacts.manifest import MANIFEST, validate
-    from kernl.artifacts.reader import read_manifest
+    from kernl.artifacts.reader import open_bundle
     from kernl.errors import BundleError
 
     try:
-        return read_manifest(root, verify=True), None
+        with open_bundle(path, verify=True) as files:
+            files.check_all(keep=False)  # every file's sha256, as kernl.load checks those it uses
+            return files.manifest, files.root, None
     except BundleError as err:
         problem = str(err)
+    root = bundle_root(path)
     try:
-        return validate(json.loads((root / MANIFEST).read_text())), problem
+        return validate(json.loads((root / MANIFEST).read_text())), root, problem
     except (BundleError, ValueError, OSError):
         raise CliError(problem) from None
 
 
+def _signature(manifest: dict[str, Any], trusted_keys: tuple[Path, ...]) -> tuple[str, str | None]:
+    """Who signed, in words; and why kernl.load would refuse the bundle with these trusted keys, if it would."""
+    from kernl.artifacts.signing import check_signature
+    from kernl.commands.describe import signature_text
+    from kernl.errors import BundleError, KernlError
+
+    text = signature_text(manifest)
+    if not trusted_keys and "signature" not in manifest:
+        return text, None
+    try:
+        key_id = check_signature(manifest, list(trusted_keys) or None)
+    except BundleError as err:
+        return text, str(err)
+    except KernlError as err:  # an unreadable key, or no cryptography library
+        raise CliError(str(err)) from None
+    return (f"signed by {key_id}, a trusted key" if trusted_keys else text), None
+
+
 @click.command(name="inspect", cls=Command)
 @click.argument("bundle", type=click.Path(path_type=Path))
-def inspect_command(bundle: Path) -> None:
-    """Describe BUNDLE (directory or .kernl archive) and say whether this machine can load it."""
-    root = bundle_root(bundle)
-    manifest, problem = _read(root)
-    ok, why = loadability(manifest, problem)
+@trusted_key_option
+def inspect_command(bundle: Path, trusted_keys: tuple[Path, ...]) -> None:
+    """Describe BUNDLE (directory or .kernl archive), who signed it, and whether this machine can load it."""
+    check_bundle_path(bundle)
+    manifest, root, problem = _read(bundle)
+    signed, refused = _signature(manifest, trusted_keys)
+    ok, why = loadability(manifest, problem or refused)
     inputs, outputs = _io_text(manifest)
     versions = manifest.get("versions") or {}
     built = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
@@ -84,6 +108,7 @@ def inspect_command(bundle: Path) -> None:
                 ("target", target_text(manifest)),
                 ("export mode", manifest.get("export_mode", "?")),
                 ("built with", built),
+                ("signature", signed),
                 ("inputs", inputs),
                 ("outputs", outputs),
                 ("buckets", buckets_text(manifest)),

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from kernl.commands.tokenizer import BundleTokenizer
+from kernl.commands.tokenizer import token_text
+from kernl.runtime.tokenizer import BundleTokenizer
 
 
 def _floats(values: torch.Tensor) -> str:
@@ -16,7 +17,7 @@ def _floats(values: torch.Tensor) -> str:
 def _top(logits: torch.Tensor, tok: BundleTokenizer, k: int) -> str:
     probs = logits.float().softmax(-1)
     values, ids = probs.topk(min(k, probs.numel()))
-    return ", ".join(f"{tok.decode(i)!r} {p:.3f}" for p, i in zip(values.tolist(), ids.tolist()))
+    return ", ".join(f"{token_text(tok, i)!r} {p:.3f}" for p, i in zip(values.tolist(), ids.tolist()))
 
 
 def embedding_lines(hidden: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -27,7 +28,8 @@ def embedding_lines(hidden: torch.Tensor, mask: torch.Tensor) -> list[str]:
 
 
 def masked_lm_lines(logits: torch.Tensor, ids: torch.Tensor, tok: BundleTokenizer, k: int) -> list[str]:
-    positions = (ids == tok.mask_id).nonzero().flatten().tolist() if tok.mask_id is not None else []
+    mask_id = tok.mask_token_id
+    positions = (ids == mask_id).nonzero().flatten().tolist() if mask_id is not None else []
     if not positions:
         return ["  no mask token in the text; put one in to see its predictions"]
     return [f"  mask at token {p}: {_top(logits[p], tok, k)}" for p in positions]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from kernl.commands.bundle_path import bundle_root, load_bundle
+from kernl.commands.bundle_path import load_bundle, trusted_key_option
 from kernl.commands.errors import CliError, Command
 
 
@@ -15,22 +15,24 @@ from kernl.commands.errors import CliError, Command
 @click.option("--text", "texts", multiple=True, required=True, help="a text to run; repeat for a batch")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: the bundle's target")
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, 100), help="tokens shown for LMs")
-def run_command(bundle: Path, texts: tuple[str, ...], device: str | None, top_k: int) -> None:
+@trusted_key_option
+def run_command(
+    bundle: Path, texts: tuple[str, ...], device: str | None, top_k: int, trusted_keys: tuple[Path, ...]
+) -> None:
     """Run BUNDLE on texts and print embeddings, top tokens or labels."""
     import kernl
     from kernl.commands.present import report
     from kernl.commands.tasks import infer_task
-    from kernl.commands.tokenizer import BundleTokenizer
+    from kernl.commands.tokenizer import bundle_tokenizer
 
-    root = bundle_root(bundle)
-    tok = BundleTokenizer(root)
-    loaded = load_bundle(root, device)
+    loaded = load_bundle(bundle, device, trusted_keys)
+    tok = bundle_tokenizer(loaded, bundle)  # read from the bytes kernl.load verified
     manifest = loaded.manifest
     max_batch = max(b for b, _ in loaded.buckets)
     if len(texts) > max_batch:
         raise CliError(f"{len(texts)} texts: the bundle's largest bucket takes {max_batch}")
     max_seq = max(s for _, s in loaded.buckets)
-    inputs = tok.encode(list(texts), max_seq, manifest["program"]["inputs"])
+    inputs = tok(list(texts), max_length=max_seq)
     try:
         outputs = loaded(**inputs)
     except kernl.InputError as err:

@@ -11,15 +11,15 @@ from pathlib import Path
 import torch
 
 from kernl.artifacts.archive import pack
-from kernl.artifacts.kernel_cache import cached_kernel_count, save_kernels
 from kernl.artifacts.manifest import FORMAT_VERSION, describe_target, library_versions
 from kernl.artifacts.weights import save_weights
 from kernl.artifacts.writer import BundleWriter
 from kernl.compiler.lower import _weights as _weights  # re-exported: tests and scripts rewrite programs with it
 from kernl.compiler.lower import lower_model
-from kernl.compiler.warmup import warm_in_fresh_process, warm_up
+from kernl.compiler.warmup import warm_up
 from kernl.errors import KernlError
-from kernl.runtime.load import bind_program
+from kernl.kernels.session import compile_session
+from kernl.runtime.program import PROGRAM_FILE, PROGRAM_VIEW
 
 # Keys compile_model writes into the manifest; metadata= may add others, never replace these.
 MANIFEST_KEYS = frozenset(
@@ -41,10 +41,12 @@ def compile_model(
     archive: bool = False,
     progress=None,
     metadata: dict | None = None,
+    sign_key=None,
 ) -> Path:
     """Compile model into a bundle at output_dir; returns its path. See kernl.compile.
 
     metadata: extra JSON-serialisable manifest entries (e.g. task, source model), added beside kernl's own.
+    sign_key: an Ed25519 private key (PEM path or bytes) that signs the manifest.
     """
     metadata = _check_metadata(metadata)
     stage = progress or (lambda name: None)
@@ -54,14 +56,15 @@ def compile_model(
         stage(name)
         timings[name] = time.perf_counter()
 
+    sign = _signer(sign_key)
     low = lower_model(model, buckets, dtype=dtype, device=device, example_inputs=example_inputs, stage=timed)
     model, device, buckets = low.model, low.device, low.buckets
-    with BundleWriter(output_dir, overwrite=overwrite) as writer:
-        program_path = writer.write_text("program.py", low.source)
+    with BundleWriter(output_dir, overwrite=overwrite) as writer, compile_session() as kernels_used:
+        writer.write_text(PROGRAM_FILE, json.dumps(low.spec.data(), allow_nan=False, separators=(",", ":")))
+        writer.write_text(PROGRAM_VIEW, low.source)
         timed("warm-up")
-        program = bind_program(program_path, len(low.weight_names))
         checks = warm_up(
-            program,
+            low.bind(),
             model,
             low.make_inputs,
             buckets,
@@ -71,7 +74,7 @@ def compile_model(
             on_bucket=lambda b: stage(f"warm-up {b[0]}x{b[1]}"),
         )
         timed("save")
-        kernels = save_kernels(writer.root) if device.type == "cuda" else 0
+        kernels = kernels_used.save(writer.root) if device.type == "cuda" else 0
         aliases = save_weights(low.weights, writer.root / "weights.safetensors")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(writer.root / "tokenizer"))
@@ -82,11 +85,9 @@ def compile_model(
             "target": describe_target(device),
             "dtype": str(low.dtype).removeprefix("torch."),
             "export_mode": low.mode,
-            "inputs": [s.to_json() for s in low.specs],
-            "outputs": low.outputs,
+            **low.spec.manifest_entries(),
             "buckets": [list(b) for b in buckets],
             "rewrites": low.report,
-            "program": {"file": "program.py", "weights": low.weight_names, "inputs": low.input_names},
             "weights": {"file": "weights.safetensors", "aliases": aliases},
             "checks": checks,
             "kernels": {"triton": kernels, "autotune": "kernels/autotune.json" if kernels else None},
@@ -95,14 +96,7 @@ def compile_model(
         stamps = list(timings.items())
         manifest["build_seconds"] = {a: round(tb - ta, 3) for (a, ta), (_, tb) in zip(stamps, stamps[1:])}
         manifest.update(metadata)
-        if device.type == "cuda":
-            # Load the bundle once in a fresh process, with Triton's cache pointed at it: the launchers and
-            # utilities Triton builds on first use land in the bundle too, so production loads build nothing.
-            stage("seal")
-            writer.write_manifest(manifest)
-            warm_in_fresh_process(writer.root)
-            manifest["kernels"]["triton"] = cached_kernel_count(writer.root)
-        path = writer.commit(manifest)
+        path = writer.commit(manifest, sign=sign)
     if archive:
         pack(path)
     return path
@@ -121,3 +115,11 @@ def _check_metadata(metadata: dict | None) -> dict:
     except (TypeError, ValueError) as err:
         raise KernlError(f"metadata: not JSON-serialisable ({err})") from None
     return dict(metadata)
+
+
+def _signer(sign_key):
+    if sign_key is None:
+        return None
+    from kernl.artifacts.signing import signer
+
+    return signer(sign_key)

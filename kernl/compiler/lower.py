@@ -14,10 +14,11 @@ from kernl.compiler.hoist import hoist_invariants
 from kernl.compiler.inputs import InputSpec, example_inputs_for, input_specs
 from kernl.compiler.outputs import output_layout, output_names
 from kernl.compiler.passes import run_passes
+from kernl.compiler.serialize import program_spec
 from kernl.compiler.tail import split_tail
 from kernl.compiler.trace import export_model
 from kernl.errors import KernlError
-from kernl.runtime.program import Program, program_from_namespace
+from kernl.runtime.program import Program, ProgramSpec
 
 
 @dataclass
@@ -25,7 +26,8 @@ class Lowered:
     """A rewritten program and everything needed to run it, before anything is written to disk."""
 
     model: torch.nn.Module  # the eval-mode model that was exported (on device, in dtype)
-    source: str  # program.py: forward(target_device, *weights, *inputs)
+    spec: ProgramSpec  # the program as data: what a bundle holds and what runs
+    source: str  # program.py, its readable view
     weights: dict[str, torch.Tensor]  # program weight inputs by placeholder name
     weight_names: list[str]  # the program's weight parameters, in order
     input_names: list[str]  # the program's user inputs, in order
@@ -41,11 +43,9 @@ class Lowered:
     def weight_list(self) -> list[torch.Tensor]:
         return [self.weights[name] for name in self.weight_names]
 
-    def bind(self, filename: str = "<kernl program>") -> Program:
-        """exec the program source and return it bound: head, tail, and the whole as a callable."""
-        namespace: dict = {"__name__": "kernl_program", "__file__": filename}
-        exec(compile(self.source, filename, "exec"), namespace)
-        return program_from_namespace(namespace, len(self.weight_names))
+    def bind(self) -> Program:
+        """The program's forward entry, bound from its data exactly as a bundle's load binds it."""
+        return self.spec.bind()
 
 
 def check_buckets(buckets: Sequence) -> list[tuple[int, int]]:
@@ -136,6 +136,7 @@ def lower_model(
 
     constants = set(weight_names) | {"target_device"}
     hoisted = hoist_invariants(gm, constants)
+    split = split_tail(gm, constants)
     source = program_source(
         gm,
         model_name=type(model).__name__,
@@ -143,17 +144,23 @@ def lower_model(
         outputs=names,
         report=report,
         invariants=hoisted,
-        split=split_tail(gm, constants),
+        split=split,
         weight_count=len(weight_names),
     )
+    specs = [s for s in specs if s.name in user_inputs]
+    outputs = [{"name": n, "dims": d} for n, d in zip(names, layout)]
+    by_name = {s.name: s.to_json() for s in specs}
+    inputs = [by_name[name] for name in user_inputs]
+    spec = program_spec(gm, invariants=hoisted, split=split, weights=weight_names, inputs=inputs, outputs=outputs)
     return Lowered(
         model=model,
+        spec=spec,
         source=source,
         weights=weights,
         weight_names=weight_names,
         input_names=user_inputs,
-        specs=[s for s in specs if s.name in user_inputs],
-        outputs=[{"name": n, "dims": d} for n, d in zip(names, layout)],
+        specs=specs,
+        outputs=outputs,
         report=report,
         mode=traced.mode,
         buckets=buckets,

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
@@ -49,16 +46,3 @@ def warm_up(forward, model, make_inputs, buckets, device, weights, input_names, 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return checks
-
-
-SEAL = "import sys, kernl; kernl.load(sys.argv[1], verify=False)"
-
-
-def warm_in_fresh_process(bundle_root: Path, timeout_s: float = 600) -> None:
-    """Load the (not yet committed) bundle in a new process: every bucket runs once and is captured there."""
-    run = subprocess.run(
-        [sys.executable, "-c", SEAL, str(bundle_root)], capture_output=True, text=True, timeout=timeout_s
-    )
-    if run.returncode != 0:
-        tail = "\n".join(run.stderr.strip().splitlines()[-5:])
-        raise KernlError(f"loading the new bundle in a fresh process failed:\n{tail}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kernl.kernels._backend import FLOAT_DTYPES, HAS_TRITON, check_tensor, runs_triton
+from kernl.kernels._custom_ops import custom_op
 
 if HAS_TRITON:
     from kernl.kernels._attention_kernel import launch_attention
@@ -100,7 +101,7 @@ def attention_call(
     return attention(q, k, v, mask=mask, causal=causal, scale=scale)
 
 
-attention_op = torch.library.custom_op("kernl::attention", attention_call, mutates_args=())
+attention_op = custom_op("kernl::attention", attention_call, mutates_args=())
 
 
 @attention_op.register_fake

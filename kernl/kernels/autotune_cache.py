@@ -5,27 +5,36 @@ dtype, M bucketed to a power of two (`bucket_m`), N, K and flags. `tune` times t
 per key with `triton.testing.do_bench`, on CUDA only; elsewhere it takes the first candidate
 untimed. `export` / `load` move the decisions in and out of a bundle as JSON-ready dicts.
 
-Frozen mode (`set_frozen(True)`, what a loaded bundle runs under): a key with no decision gets the
-heuristic default, the first candidate, without benchmarking and without being recorded; it is
-counted in `stats()["defaults_used"]`. A bundle never stalls on a shape it was not warmed for, it
-only runs a sane untuned config. `stats()["benchmarks_run"]` counts candidate timings, so tests can
-prove that none happened.
+Decisions and the frozen flag belong to a `Tuner`. The module-level functions act on the current
+one: the tuner a `use(tuner)` block made current in this context (a compile session, a loaded
+bundle while its program runs), else the process default. So a bundle's frozen decisions apply
+only inside its own scope, and a compile after a load in the same process still tunes.
+
+Frozen mode (what a loaded bundle runs under): a key with no decision gets the heuristic default,
+the first candidate, without benchmarking and without being recorded; it is counted in
+`stats()["defaults_used"]`. A bundle never stalls on a shape it was not warmed for, it only runs a
+sane untuned config. `stats()["benchmarks_run"]` counts candidate timings, so tests can prove that
+none happened; `process_stats()` sums every tuner of the process, scoped or not.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 
 import torch
 
 Config = dict[str, int]
 FORMAT_VERSION = 1
 
-_decisions: dict[tuple[str, tuple], Config] = {}
-_frozen = False
-_STAT_NAMES = ("hits", "tunings", "benchmarks_run", "failed_candidates", "untimed_picks", "defaults_used")
-_stats = dict.fromkeys(_STAT_NAMES, 0)
+_STAT_NAMES = ("hits", "tunings", "benchmarks_run", "failed_candidates", "untimed_picks", "defaults_used", "reused")
+_totals = dict.fromkeys(_STAT_NAMES, 0)
+# Winners timed in this process by tuners created with reuse=True (compiles), with the candidates they were
+# chosen from: another such tuner asked the same question takes the answer instead of timing it again
+# (compiling two models that share shapes).
+_measured: dict[tuple[str, tuple], tuple[list[Config], Config]] = {}
 
 
 def bucket_m(m: int) -> int:
@@ -50,11 +59,6 @@ def _normalise_key(key: Sequence[Hashable]) -> tuple:
     return tuple(parts)
 
 
-def lookup(kernel_name: str, key: Sequence[Hashable]) -> Config | None:
-    """The stored decision for this kernel and key, or None."""
-    return _decisions.get((kernel_name, _normalise_key(key)))
-
-
 def _time_ms(fn: Callable[[], object]) -> float:
     """Median time of fn in ms; a short budget, since every config of every key is timed once."""
     from triton.testing import do_bench
@@ -65,6 +69,157 @@ def _time_ms(fn: Callable[[], object]) -> float:
 def _capturing() -> bool:
     # Benchmark launches inside a CUDA graph capture would be recorded into the graph.
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class Tuner:
+    """One set of autotune decisions, its frozen flag and its counters.
+
+    frozen: missing keys get the first candidate, untimed and unrecorded (a loaded bundle).
+    reuse: take a decision benchmarked earlier in this process before timing anything (a compile).
+    aside: a context the candidates are timed in (a compile keeps the kernels of losing configs out of its bundle).
+    """
+
+    def __init__(
+        self,
+        *,
+        frozen: bool = False,
+        reuse: bool = False,
+        aside: Callable[[], AbstractContextManager] | None = None,
+    ) -> None:
+        self.decisions: dict[tuple[str, tuple], Config] = {}
+        self.frozen = bool(frozen)
+        self.reuse = bool(reuse)
+        self.aside = aside or nullcontext
+        self._stats = dict.fromkeys(_STAT_NAMES, 0)
+
+    def __repr__(self) -> str:
+        return f"<kernl Tuner: {len(self.decisions)} decisions{', frozen' if self.frozen else ''}>"
+
+    def _count(self, name: str) -> None:
+        self._stats[name] += 1
+        _totals[name] += 1
+
+    def lookup(self, kernel_name: str, key: Sequence[Hashable]) -> Config | None:
+        """The stored decision for this kernel and key, or None."""
+        return self.decisions.get((kernel_name, _normalise_key(key)))
+
+    def tune(
+        self,
+        kernel_name: str,
+        key: Sequence[Hashable],
+        candidates: Sequence[Config],
+        run_fn: Callable[[Config], object],
+        *,
+        benchmark: bool = True,
+    ) -> Config:
+        """See the module-level tune()."""
+        # Hot path, once per kernel launch: launchers pass keys of plain scalars, already normalised.
+        decided = self.decisions.get((kernel_name, key if type(key) is tuple else tuple(key)))
+        if decided is None:
+            full_key = (kernel_name, _normalise_key(key))
+            decided = self.decisions.get(full_key)
+        if decided is not None:
+            self._count("hits")
+            return decided
+        if not candidates:
+            raise ValueError(f"candidates: no config to choose from for {kernel_name} {full_key[1]}")
+        if self.frozen or _capturing():
+            # Never benchmark here; do not record either, so export() holds only real decisions.
+            self._count("defaults_used")
+            return candidates[0]
+        if not benchmark:
+            # CPU or interpreter: timings mean nothing, the first candidate is as good as any.
+            self._count("untimed_picks")
+            self.decisions[full_key] = dict(candidates[0])
+            return self.decisions[full_key]
+        measured = _measured.get(full_key) if self.reuse else None
+        if measured is not None and measured[0] == list(candidates):
+            self._count("reused")
+            self.decisions[full_key] = dict(measured[1])
+            return self.decisions[full_key]
+        best, best_ms, error = None, math.inf, None
+        with self.aside():
+            for config in candidates:
+                self._count("benchmarks_run")
+                try:
+                    ms = _time_ms(lambda config=config: run_fn(config))
+                except Exception as e:  # e.g. a config this GPU lacks shared memory or registers for: it loses
+                    self._count("failed_candidates")
+                    error = e
+                    continue
+                if ms < best_ms:
+                    best, best_ms = config, ms
+        if best is None:
+            raise RuntimeError(f"{kernel_name}: no candidate config ran for key {full_key[1]}") from error
+        self._count("tunings")
+        self.decisions[full_key] = dict(best)
+        if self.reuse:
+            _measured[full_key] = ([dict(c) for c in candidates], dict(best))
+        return self.decisions[full_key]
+
+    def export(self) -> dict:
+        """Every decision as a JSON-serialisable dict, in a stable order (for the bundle's kernels/ folder)."""
+        entries = [
+            {"kernel": name, "key": list(key), "config": dict(config)}
+            for (name, key), config in sorted(self.decisions.items(), key=repr)
+        ]
+        return {"version": FORMAT_VERSION, "entries": entries}
+
+    def load(self, data: dict) -> int:
+        """Add the decisions of an export() (replacing any with the same key); returns how many were loaded."""
+        if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+            version = data.get("version") if isinstance(data, dict) else None
+            raise ValueError(f"data: expected an autotune export of version {FORMAT_VERSION}, got version {version!r}")
+        entries = data.get("entries", [])
+        if not isinstance(entries, list):
+            raise ValueError("data: entries is not a list")
+        loaded = {}
+        for entry in entries:
+            try:
+                name, key, config = entry["kernel"], entry["key"], entry["config"]
+                if not isinstance(name, str) or not isinstance(key, list):
+                    raise TypeError(entry)
+                loaded[(name, _normalise_key(key))] = {str(k): int(v) for k, v in config.items()}
+            except (KeyError, TypeError, AttributeError, ValueError) as e:
+                raise ValueError(f"data: malformed autotune entry {entry!r}") from e
+        self.decisions.update(loaded)
+        return len(loaded)
+
+    def clear(self) -> None:
+        """Forget every decision (the statistics stay; see reset_stats)."""
+        self.decisions.clear()
+
+    def stats(self) -> dict[str, int]:
+        """Counters since the last reset_stats(): hits, tunings, benchmarks_run, defaults_used, ..."""
+        return dict(self._stats)
+
+    def reset_stats(self) -> None:
+        self._stats.update(dict.fromkeys(_STAT_NAMES, 0))
+
+
+_default = Tuner()
+_current: ContextVar[Tuner | None] = ContextVar("kernl_tuner", default=None)
+
+
+def current() -> Tuner:
+    """The tuner kernels consult here: the innermost use() block's, else the process default."""
+    tuner = _current.get()
+    return _default if tuner is None else tuner
+
+
+@contextmanager
+def use(tuner: Tuner) -> Iterator[Tuner]:
+    """Make tuner the current one in this context (this thread, this task) for the block."""
+    token = _current.set(tuner)
+    try:
+        yield tuner
+    finally:
+        _current.reset(token)
+
+
+def lookup(kernel_name: str, key: Sequence[Hashable]) -> Config | None:
+    """The current tuner's decision for this kernel and key, or None."""
+    return current().lookup(kernel_name, key)
 
 
 def tune(
@@ -81,87 +236,43 @@ def tune(
     run_fn(config): launches the kernel once with that config; it must be safe to call repeatedly.
     benchmark: time the candidates (pass `tensor.is_cuda`); False picks the first one untimed.
     """
-    # Hot path, once per kernel launch: launchers pass keys of plain scalars, already normalised.
-    decided = _decisions.get((kernel_name, key if type(key) is tuple else tuple(key)))
-    if decided is None:
-        full_key = (kernel_name, _normalise_key(key))
-        decided = _decisions.get(full_key)
-    if decided is not None:
-        _stats["hits"] += 1
-        return decided
-    if not candidates:
-        raise ValueError(f"candidates: no config to choose from for {kernel_name} {full_key[1]}")
-    if _frozen or _capturing():
-        # Never benchmark here; do not record either, so export() holds only real decisions.
-        _stats["defaults_used"] += 1
-        return candidates[0]
-    if not benchmark:
-        # CPU or interpreter: timings mean nothing, the first candidate is as good as any.
-        _stats["untimed_picks"] += 1
-        _decisions[full_key] = dict(candidates[0])
-        return _decisions[full_key]
-    best, best_ms, error = None, math.inf, None
-    for config in candidates:
-        _stats["benchmarks_run"] += 1
-        try:
-            ms = _time_ms(lambda config=config: run_fn(config))
-        except Exception as e:  # e.g. a config this GPU lacks shared memory or registers for: it loses
-            _stats["failed_candidates"] += 1
-            error = e
-            continue
-        if ms < best_ms:
-            best, best_ms = config, ms
-    if best is None:
-        raise RuntimeError(f"{kernel_name}: no candidate config ran for key {full_key[1]}") from error
-    _stats["tunings"] += 1
-    _decisions[full_key] = dict(best)
-    return _decisions[full_key]
+    tuner = _current.get()
+    return (_default if tuner is None else tuner).tune(kernel_name, key, candidates, run_fn, benchmark=benchmark)
 
 
 def export() -> dict:
-    """Every decision as a JSON-serialisable dict, in a stable order (for the bundle's kernels/ folder)."""
-    entries = [
-        {"kernel": name, "key": list(key), "config": dict(config)}
-        for (name, key), config in sorted(_decisions.items(), key=repr)
-    ]
-    return {"version": FORMAT_VERSION, "entries": entries}
+    """The current tuner's decisions as a JSON-serialisable dict."""
+    return current().export()
 
 
 def load(data: dict) -> int:
-    """Add the decisions of an export() (replacing any with the same key); returns how many were loaded."""
-    if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
-        version = data.get("version") if isinstance(data, dict) else None
-        raise ValueError(f"data: expected an autotune export of version {FORMAT_VERSION}, got version {version!r}")
-    loaded = {}
-    for entry in data.get("entries", []):
-        try:
-            name, key, config = entry["kernel"], entry["key"], entry["config"]
-            loaded[(str(name), _normalise_key(key))] = {str(k): int(v) for k, v in config.items()}
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise ValueError(f"data: malformed autotune entry {entry!r}") from e
-    _decisions.update(loaded)
-    return len(loaded)
+    """Add the decisions of an export() to the current tuner; returns how many were loaded."""
+    return current().load(data)
 
 
 def clear() -> None:
-    """Forget every decision (the statistics stay; see reset_stats)."""
-    _decisions.clear()
+    """Forget the current tuner's decisions (the statistics stay; see reset_stats)."""
+    current().clear()
 
 
 def set_frozen(frozen: bool) -> None:
     """Frozen: missing keys get the first candidate, untimed and unrecorded, instead of a benchmark."""
-    global _frozen
-    _frozen = bool(frozen)
+    current().frozen = bool(frozen)
 
 
 def is_frozen() -> bool:
-    return _frozen
+    return current().frozen
 
 
 def stats() -> dict[str, int]:
-    """Counters since the last reset_stats(): hits, tunings, benchmarks_run, defaults_used, ..."""
-    return dict(_stats)
+    """The current tuner's counters since its last reset_stats()."""
+    return current().stats()
 
 
 def reset_stats() -> None:
-    _stats.update(dict.fromkeys(_STAT_NAMES, 0))
+    current().reset_stats()
+
+
+def process_stats() -> dict[str, int]:
+    """Counters summed over every tuner of this process since it started (never reset)."""
+    return dict(_totals)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from kernl.kernels import autotune_cache
 from kernl.kernels._backend import HAS_TRITON, check_tensor, runs_triton
+from kernl.kernels._custom_ops import custom_op
 from kernl.kernels._gemm import check_activation, fit_configs, torch_activation
 
 # Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per M bucket, best guess first.
@@ -204,7 +205,7 @@ def gated_linear_call(
     return gated_linear(x, weight_gate, weight_up, activation=activation)
 
 
-gated_linear_op = torch.library.custom_op("kernl::gated_linear", gated_linear_call, mutates_args=())
+gated_linear_op = custom_op("kernl::gated_linear", gated_linear_call, mutates_args=())
 
 
 @gated_linear_op.register_fake

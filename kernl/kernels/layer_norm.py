@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kernl.kernels._backend import HAS_TRITON, check_tensor, runs_triton
+from kernl.kernels._custom_ops import custom_op
 
 if HAS_TRITON:
     from kernl.kernels._norm_kernel import launch_norm
@@ -76,7 +77,7 @@ def layer_norm_call(
     return layer_norm(x, weight, bias, eps)
 
 
-layer_norm_op = torch.library.custom_op("kernl::layer_norm", layer_norm_call, mutates_args=())
+layer_norm_op = custom_op("kernl::layer_norm", layer_norm_call, mutates_args=())
 
 
 @layer_norm_op.register_fake
@@ -90,7 +91,7 @@ def add_layer_norm_call(
     return layer_norm(x, weight, bias, eps, residual=residual)
 
 
-add_layer_norm_op = torch.library.custom_op("kernl::add_layer_norm", add_layer_norm_call, mutates_args=())
+add_layer_norm_op = custom_op("kernl::add_layer_norm", add_layer_norm_call, mutates_args=())
 
 
 @add_layer_norm_op.register_fake

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from kernl.kernels import autotune_cache
 from kernl.kernels._backend import HAS_TRITON, check_tensor, runs_triton
+from kernl.kernels._custom_ops import custom_op
 from kernl.kernels._gemm import check_activation, fit_configs, torch_activation
 from kernl.kernels._split_k import split_k_configs
 
@@ -339,7 +340,7 @@ def linear_call(
     return linear(x, weight, bias, activation=activation, residual=residual, weight_transposed=weight_transposed)
 
 
-linear_op = torch.library.custom_op("kernl::linear", linear_call, mutates_args=())
+linear_op = custom_op("kernl::linear", linear_call, mutates_args=())
 
 
 @linear_op.register_fake

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kernl.kernels._backend import HAS_TRITON, runs_triton
+from kernl.kernels._custom_ops import custom_op
 from kernl.kernels.layer_norm import check_norm_args
 
 if HAS_TRITON:
@@ -53,7 +54,7 @@ def rms_norm_call(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offs
     return rms_norm(x, weight, eps, weight_offset=weight_offset)
 
 
-rms_norm_op = torch.library.custom_op("kernl::rms_norm", rms_norm_call, mutates_args=())
+rms_norm_op = custom_op("kernl::rms_norm", rms_norm_call, mutates_args=())
 
 
 @rms_norm_op.register_fake
@@ -67,7 +68,7 @@ def add_rms_norm_call(
     return rms_norm(x, weight, eps, residual=residual, weight_offset=weight_offset)
 
 
-add_rms_norm_op = torch.library.custom_op("kernl::add_rms_norm", add_rms_norm_call, mutates_args=())
+add_rms_norm_op = custom_op("kernl::add_rms_norm", add_rms_norm_call, mutates_args=())
 
 
 @add_rms_norm_op.register_fake

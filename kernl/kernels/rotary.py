@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kernl.kernels._backend import HAS_TRITON, check_tensor, runs_triton
+from kernl.kernels._custom_ops import custom_op
 
 if HAS_TRITON:
     from kernl.kernels._rotary_kernel import launch_rotary
@@ -77,7 +78,7 @@ def rotary_call(
     return rotary(q, k, cos, sin)
 
 
-rotary_op = torch.library.custom_op("kernl::rotary", rotary_call, mutates_args=())
+rotary_op = custom_op("kernl::rotary", rotary_call, mutates_args=())
 
 
 @rotary_op.register_fake

@@ -52,7 +52,6 @@ class BucketGraphs:
         program: Program,
         weights: Sequence[torch.Tensor],
         inputs: Sequence[tuple[str, torch.dtype]],
-        buckets: Sequence[tuple[int, int]],
         device: torch.device,
         pool: tuple | None = None,
     ) -> None:
@@ -60,36 +59,46 @@ class BucketGraphs:
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         self.program = program
         self.weights = list(weights)
+        self.inputs = list(inputs)
         self.device = device
         self.entries: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple]] = {}
         # Storage of each bucket's static inputs and head values, and of the weights: an output found there
         # is not the caller's to keep.
         self.graph_memory: dict[tuple[int, int], set[int]] = {}
         self.tail_outside: dict[tuple[int, int], bool] = {}
-        weight_memory = storages(self.weights)
+        self._weight_memory = storages(self.weights)
         self.timings = {"warm_s": 0.0, "capture_s": 0.0}
+
+    def capture_all(self, buckets: Sequence[tuple[int, int]]) -> None:
+        """Capture buckets largest first: each smaller one then reuses the pool memory the larger one freed."""
+        for bucket in sorted(buckets, key=lambda b: b[0] * b[1], reverse=True):
+            self.capture(bucket)
+
+    def capture(self, bucket: tuple[int, int]) -> None:
+        """Warm the bucket up once outside capture (kernels load, lazy CUDA state is set up), then capture it."""
+        if bucket in self.entries:
+            return
+        program, weights, device = self.program, self.weights, self.device
         with torch.no_grad(), torch.cuda.device(device):
-            for bucket in sorted(buckets, key=lambda b: b[0] * b[1], reverse=True):
-                static = [self._initial(name, dtype, bucket, device) for name, dtype in inputs]
-                start = time.perf_counter()
-                # Run once outside capture: kernels load (or compile) and lazy CUDA state is set up.
-                side = _side_stream(device)
-                side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):
-                    out_bytes = sum(t.nbytes for t in program(device, *weights, *static))
-                torch.cuda.current_stream(device).wait_stream(side)
-                torch.cuda.synchronize(device)
-                warmed = time.perf_counter()
-                self.timings["warm_s"] += warmed - start
-                graph = torch.cuda.CUDAGraph()
-                _own_cublas_workspace()
-                outside = self.tail_outside[bucket] = out_bytes >= TAIL_OUTSIDE_BYTES
-                with torch.cuda.graph(graph, pool=self.pool, stream=side):
-                    values = (program.head if outside else program)(device, *weights, *static)
-                self.entries[bucket] = (graph, static, tuple(values))
-                self.graph_memory[bucket] = storages(static) | storages(values) | weight_memory
-                self.timings["capture_s"] += time.perf_counter() - warmed
-        torch.cuda.synchronize(device)
+            static = [self._initial(name, dtype, bucket, device) for name, dtype in self.inputs]
+            start = time.perf_counter()
+            side = _side_stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                out_bytes = sum(t.nbytes for t in program(device, *weights, *static))
+            torch.cuda.current_stream(device).wait_stream(side)
+            torch.cuda.synchronize(device)
+            warmed = time.perf_counter()
+            self.timings["warm_s"] += warmed - start
+            graph = torch.cuda.CUDAGraph()
+            _own_cublas_workspace()
+            outside = self.tail_outside[bucket] = out_bytes >= TAIL_OUTSIDE_BYTES
+            with torch.cuda.graph(graph, pool=self.pool, stream=side):
+                values = (program.head if outside else program)(device, *weights, *static)
+            self.entries[bucket] = (graph, static, tuple(values))
+            self.graph_memory[bucket] = storages(static) | storages(values) | self._weight_memory
+            torch.cuda.synchronize(device)
+            self.timings["capture_s"] += time.perf_counter() - warmed
 
     @staticmethod
     def _initial(name: str, dtype: torch.dtype, bucket: tuple[int, int], device: torch.device) -> torch.Tensor:

@@ -1,34 +1,25 @@
-"""kernl.load: verify a bundle, load its weights onto the device, and bind its program."""
+"""kernl.load: verify a bundle, bind its program from data, load its weights and kernels, capture its graphs.
+
+Nothing from the bundle runs as code: the program is data checked against an allow-list, kernels are device
+code that Triton launches through host code built on this machine, and every byte used is the byte verified.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
-from kernl.artifacts.archive import unpack
-from kernl.artifacts.kernel_cache import use_bundle_kernels
-from kernl.artifacts.reader import read_manifest, verify_hashes
+from kernl.artifacts.reader import VerifiedBundle, open_bundle
 from kernl.artifacts.weights import load_weights
 from kernl.errors import BundleError
-from kernl.runtime.bundle import Bundle
-from kernl.runtime.compat import check_kernels, resolve_device
-from kernl.runtime.program import Program, program_from_namespace
-
-
-def bind_program(path: Path, weight_count: int) -> Program:
-    """exec program.py and return its head and tail (weight_count: how many weights it takes)."""
-    namespace: dict = {"__name__": "kernl_program", "__file__": str(path)}
-    try:
-        exec(compile(path.read_text(), str(path), "exec"), namespace)
-    except SyntaxError as err:
-        raise BundleError(f"{path}: not a valid program ({err.msg}, line {err.lineno})") from None
-    if not callable(namespace.get("forward")):
-        raise BundleError(f"{path}: defines no forward()")
-    return program_from_namespace(namespace, weight_count)
+from kernl.runtime.bundle import CAPTURE_MODES, Bundle
+from kernl.runtime.compat import resolve_device
+from kernl.runtime.program import ProgramSpec
 
 
 def load(
@@ -37,14 +28,20 @@ def load(
     *,
     verify: bool = True,
     cuda_graphs: bool = True,
+    capture: str = "all",
     recompile: bool = False,
+    trusted_keys: Iterable | None = None,
 ) -> Bundle:
-    """Load the bundle at path onto device (default: its target's kind when this machine has it).
+    """Load the bundle at path (a folder or a .kernl archive) onto device (default: its target's kind when this
+    machine has it).
 
-    verify checks every file's sha256; on CUDA, cuda_graphs captures one graph per bucket at load.
-    A bundle built for another GPU architecture, Triton or torch raises BundleError, or with recompile=True
-    warns and compiles its kernels here.
+    verify checks every file's sha256. On CUDA, cuda_graphs replays one graph per bucket, captured at load
+    (capture="all") or on each bucket's first call (capture="lazy"). trusted_keys (Ed25519 public keys: PEM
+    paths or bytes) refuses bundles not signed by one of them. A bundle built for another GPU architecture,
+    Triton or torch raises BundleError, or with recompile=True warns and compiles its kernels here.
     """
+    if capture not in CAPTURE_MODES:
+        raise ValueError(f"capture: expected one of {', '.join(CAPTURE_MODES)}, got {capture!r}")
     timings: dict[str, float] = {}
     mark = time.perf_counter()
 
@@ -54,48 +51,72 @@ def load(
         timings[name] = now - mark
         mark = now
 
-    root = Path(path)
-    if root.is_file():
-        root = unpack(root)
-        phase("unpack_s")
-    manifest = read_manifest(root, verify=verify, hash_files=False)
-    weights_file = manifest["weights"]["file"]
-    if verify:
-        # Every file but the weights is checked before anything runs from it (program.py, kernels).
-        verify_hashes(root, manifest, [rel for rel in manifest["files"] if rel != weights_file])
+    files = open_bundle(path, verify=verify)
+    manifest = files.manifest
+    signer = _check_signature(manifest, trusted_keys)
+    device = resolve_device(manifest, device)
     phase("manifest_s")
-    # The weights (most of the bytes) hash in a thread while they load and the graphs are captured: hashlib
-    # releases the GIL. A mismatch still raises before load returns, and explains any failure it caused.
-    with ThreadPoolExecutor(1, thread_name_prefix="kernl-verify") as pool:
-        hashed = pool.submit(verify_hashes, root, manifest, [weights_file] if verify else [])
-        try:
-            bundle = _build(root, manifest, device, cuda_graphs=cuda_graphs, recompile=recompile, phase=phase)
-        except Exception:
-            hashed.result()
-            raise
-        hashed.result()
-    phase("weights_hash_wait_s")
+    # The weights are read (and hashed) in a thread while the program binds and the kernels install: file
+    # reads and hashing release the GIL that imports hold.
+    with ThreadPoolExecutor(1, thread_name_prefix="kernl-weights") as pool:
+        loading = pool.submit(load_weights, files, device, verify=verify)
+        spec = ProgramSpec.from_bundle(manifest, _json(files, manifest["program"]["file"]))
+        program = spec.bind()
+        phase("bind_s")
+        scope = _kernels(files, device, recompile=recompile)
+        phase("kernels_s")
+        tensors, weights_verified = loading.result()
+    try:
+        weights = [tensors[name] for name in spec.weights]
+    except KeyError as err:
+        raise BundleError(f"{manifest['weights']['file']}: no tensor {err} that the program needs") from None
+    phase("weights_wait_s")
+    # The weights' hash may finish in its thread while the graphs are captured; a mismatch raises before load
+    # returns.
+    try:
+        bundle = Bundle(
+            manifest,
+            spec,
+            program,
+            weights,
+            device,
+            cuda_graphs=cuda_graphs,
+            capture=capture,
+            scope=scope,
+            tokenizer=lambda: _tokenizer(files),
+        )
+    finally:
+        weights_verified()
+    phase("graphs_s")
+    bundle.signed_by = signer
     bundle.load_timings = {**timings, **bundle.load_timings}
     return bundle
 
 
-def _build(root: Path, manifest: dict, device, *, cuda_graphs: bool, recompile: bool, phase) -> Bundle:
-    """Weights onto the device, the program bound, the graphs captured."""
-    device = resolve_device(manifest, device)
-    if device.type == "cuda" and check_kernels(manifest, device, recompile=recompile):
-        use_bundle_kernels(root)
-    phase("device_s")
-    weights_file = manifest["weights"]["file"]
+def _json(files: VerifiedBundle, rel: str):
     try:
-        tensors = load_weights(root / weights_file, manifest["weights"]["aliases"], device)
-        weights = [tensors[name] for name in manifest["program"]["weights"]]
-    except KeyError as err:
-        raise BundleError(f"{weights_file}: no tensor {err} that the program needs") from None
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types on corrupt files
-        raise BundleError(f"{weights_file}: unreadable ({err})") from None
-    phase("weights_s")
-    program = bind_program(root / manifest["program"]["file"], len(weights))
-    phase("bind_s")
-    bundle = Bundle(manifest, program, weights, device, cuda_graphs=cuda_graphs)
-    phase("graphs_s")
-    return bundle
+        return json.loads(files.read(rel))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{rel}: not valid JSON ({err})") from None
+
+
+def _check_signature(manifest: dict, trusted_keys: Iterable | None) -> str | None:
+    if trusted_keys is None and "signature" not in manifest:
+        return None
+    from kernl.artifacts.signing import check_signature
+
+    return check_signature(manifest, trusted_keys)
+
+
+def _kernels(files: VerifiedBundle, device: torch.device, *, recompile: bool):
+    """The bundle's kernels installed for this machine; returns the scope its program runs in (its autotune
+    decisions, frozen), or None on CPU."""
+    from kernl.runtime.bundle_kernels import bundle_scope
+
+    return bundle_scope(files, device, recompile=recompile)
+
+
+def _tokenizer(files: VerifiedBundle):
+    from kernl.runtime.tokenizer import load_tokenizer
+
+    return load_tokenizer(files)

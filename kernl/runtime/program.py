@@ -1,14 +1,35 @@
-"""A bound program: the part a CUDA graph captures (head) and the part that runs after each replay (tail)."""
+"""The program contract: what a kernl program is, for the compiler, the runtime and optimize_model alike.
+
+A program has weights (by name, in order), inputs ({name, dtype, rank, fill}, in order), outputs ({name, dims}),
+functions held as data (kernl.runtime.interpret runs them), and entry points. An entry point is a head, which a
+CUDA graph captures, and an optional tail that runs after each replay so that the kernels writing the outputs
+allocate them fresh. Every function takes (target_device, *weights, ...): the head then the entry's inputs,
+the tail then the values the head returns. A function may call the shared `invariants` function (values that
+depend only on the weights and the input shapes), which runs once per shape.
+
+On disk: program.json holds {"format_version", "functions", "entries"}; the manifest holds the weights, inputs
+and outputs; program.py beside them is a readable view that nothing runs.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
+from kernl.errors import BundleError
+
+PROGRAM_FILE = "program.json"
+PROGRAM_VIEW = "program.py"
+PROGRAM_FORMAT = 1
+FORWARD = "forward"
+
 
 class Program(NamedTuple):
+    """One bound entry point."""
+
     head: Callable  # (device, *weights, *inputs) -> values; what a CUDA graph captures
     tail: Callable  # (device, *weights, *values) -> outputs; runs eagerly after the head (or its replay)
     weight_count: int
@@ -17,16 +38,74 @@ class Program(NamedTuple):
         return self.tail(device, *args[: self.weight_count], *self.head(device, *args))
 
 
-def program_from_namespace(namespace: dict, weight_count: int) -> Program:
-    """A program defining head() and tail() splits there; an older one (forward() only) is all head, and
-    its tail hands the head's values on unchanged."""
-    if callable(namespace.get("head")) and callable(namespace.get("tail")):
-        return Program(namespace["head"], namespace["tail"], weight_count)
+@dataclass
+class ProgramSpec:
+    weights: list[str]
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    functions: dict[str, dict]
+    entries: dict[str, dict[str, str | None]]  # entry -> {"head": function name, "tail": function name or None}
 
-    def pass_through(device, *args):
+    @property
+    def input_names(self) -> list[str]:
+        return [spec["name"] for spec in self.inputs]
+
+    def data(self) -> dict[str, Any]:
+        """program.json's content."""
+        return {"format_version": PROGRAM_FORMAT, "functions": self.functions, "entries": self.entries}
+
+    def manifest_entries(self) -> dict[str, Any]:
+        """What the manifest says of the program (its "inputs", "outputs" and "program" keys)."""
+        program = {"file": PROGRAM_FILE, "view": PROGRAM_VIEW, "weights": self.weights, "inputs": self.input_names}
+        return {"inputs": self.inputs, "outputs": self.outputs, "program": program}
+
+    @classmethod
+    def from_bundle(cls, manifest: dict[str, Any], data: Any) -> ProgramSpec:
+        """The spec of a bundle, from its manifest and its parsed program.json; BundleError when malformed."""
+        if not isinstance(data, dict) or data.get("format_version") != PROGRAM_FORMAT:
+            raise BundleError(f"{PROGRAM_FILE}: not a kernl program of format {PROGRAM_FORMAT}")
+        functions, entries = data.get("functions"), data.get("entries")
+        if not isinstance(functions, dict) or not isinstance(entries, dict) or FORWARD not in entries:
+            raise BundleError(f"{PROGRAM_FILE}: needs functions and a {FORWARD!r} entry")
+        program = manifest["program"]
+        by_name = {spec.get("name"): spec for spec in manifest["inputs"]}
+        try:
+            inputs = [by_name[name] for name in program["inputs"]]
+        except KeyError as err:
+            raise BundleError(f"manifest.json: program input {err} has no spec") from None
+        return cls(list(program["weights"]), inputs, list(manifest["outputs"]), functions, entries)
+
+    def bind(self, entry: str = FORWARD) -> Program:
+        """The entry point as callables; checks every op of every function against the allow-list first."""
+        from kernl.runtime.interpret import Function, Memoized
+        from kernl.runtime.ops import kernl_op_table
+
+        kernl_ops = kernl_op_table()
+        bound: dict[str, Callable] = {}
+        if "invariants" in self.functions:
+            bound["invariants"] = Memoized(Function("invariants", self.functions["invariants"], kernl_ops, {}))
+        for name, fn in self.functions.items():
+            if name != "invariants":
+                bound[name] = Function(name, fn, kernl_ops, bound)
+        spec = self.entries.get(entry)
+        if not isinstance(spec, dict) or spec.get("head") not in bound:
+            raise BundleError(f"{PROGRAM_FILE}: entry {entry!r} has no head function")
+        head, tail_name, weight_count = bound[spec["head"]], spec.get("tail"), len(self.weights)
+        if head.n_params != 1 + weight_count + len(self.inputs):
+            raise BundleError(f"{PROGRAM_FILE}: {spec['head']} takes {head.n_params} parameters, not device + "
+                              f"{weight_count} weights + {len(self.inputs)} inputs")  # fmt: skip
+        if tail_name is None:
+            return Program(head, _pass_through(weight_count), weight_count)
+        if tail_name not in bound:
+            raise BundleError(f"{PROGRAM_FILE}: entry {entry!r} names a missing tail {tail_name!r}")
+        return Program(head, bound[tail_name], weight_count)
+
+
+def _pass_through(weight_count: int) -> Callable:
+    def tail(device, *args):
         return args[weight_count:]
 
-    return Program(namespace["forward"], pass_through, weight_count)
+    return tail
 
 
 def storages(tensors: Sequence) -> set[int]:

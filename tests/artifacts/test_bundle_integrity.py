@@ -54,20 +54,6 @@ def test_not_json(bundle):
         kernl.load(bundle)
 
 
-def test_tied_weights_stored_once(tmp_path):
-    from safetensors import safe_open
-
-    from kernl.artifacts.weights import load_weights, save_weights
-
-    shared = torch.randn(10, 4)
-    aliases = save_weights({"a": shared, "b": shared, "c": torch.randn(3)}, tmp_path / "w.safetensors")
-    assert aliases == {"b": "a"}
-    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
-        assert set(f.keys()) == {"a", "c"}
-    loaded = load_weights(tmp_path / "w.safetensors", aliases, torch.device("cpu"))
-    assert torch.equal(loaded["b"], shared) and loaded["b"] is loaded["a"]
-
-
 def test_failed_write_leaves_nothing(tmp_path):
     out = tmp_path / "bundle"
     with pytest.raises(RuntimeError), BundleWriter(out) as writer:

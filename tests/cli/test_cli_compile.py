@@ -4,13 +4,13 @@ import json
 
 from click.testing import CliRunner
 
-from kernl.artifacts.reader import read_manifest
+from kernl.artifacts.reader import open_bundle
 from kernl.cli import main
 
 
 def test_compile_writes_bundle_archive_and_summary(mlm_bundle, checkpoints):
     out, result = mlm_bundle
-    manifest = read_manifest(out)
+    manifest = open_bundle(out).manifest
     assert manifest["model"] == "BertForMaskedLM"
     assert manifest["task"] == "masked-lm"  # --task auto, from config.architectures
     assert manifest["source"] == str(checkpoints["masked-lm"].resolve())
@@ -40,6 +40,6 @@ def test_compile_as_a_subprocess_records_labels(classifier_bundle):
     out, proc = classifier_bundle
     assert "BertForSequenceClassification" in proc.stdout and "2x16" in proc.stdout
     assert "warm-up 2x16" in proc.stderr  # progress, one line a stage when stderr is not a terminal
-    manifest = read_manifest(out)
+    manifest = open_bundle(out).manifest
     assert manifest["task"] == "sequence-classification"
     assert manifest["id2label"] == {"0": "negative", "1": "positive"}

@@ -43,15 +43,34 @@ def test_run_more_texts_than_the_largest_bucket(mlm_bundle):
 def test_report_next_token_for_causal_lms(mlm_bundle):
     import torch
 
+    import kernl
     from kernl.commands.present import report
-    from kernl.commands.tokenizer import BundleTokenizer
 
-    tok = BundleTokenizer(mlm_bundle[0])
-    inputs = tok.encode(["the cat sat", "a dog"], 16, ["input_ids", "attention_mask"])
+    tok = kernl.load(mlm_bundle[0]).tokenizer
+    inputs = tok(["the cat sat", "a dog"], max_length=16)
     logits = torch.zeros(*inputs["input_ids"].shape, 26)
-    logits[0, 4, tok.tokenizer.token_to_id("mat")] = 10.0  # after [CLS] the cat sat [SEP]
+    logits[0, 4, tok.token_to_id("mat")] = 10.0  # after [CLS] the cat sat [SEP]
     lines = report(
         ["the cat sat", "a dog"], inputs, {"logits": logits}, task="causal-lm", tok=tok, id2label={}, top_k=2
     )
     assert lines[1].startswith("  next token: 'mat' 0.9")
     assert lines[2] == "[1] 'a dog' (4 tokens)"
+
+
+def test_run_refuses_an_edited_tokenizer(mlm_bundle, tmp_path):
+    """The tokenizer is read from the bytes kernl.load verified, never from the folder on its own."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(mlm_bundle[0], copy)
+    path = copy / "tokenizer" / "tokenizer.json"
+    path.write_text(path.read_text().replace('"mat"', '"hat"'))  # same size, other bytes
+    result = CliRunner().invoke(main, ["run", str(copy), "--text", "the cat sat on the hat"])
+    assert result.exit_code == 2
+    assert "tokenizer/tokenizer.json" in result.stderr and result.stdout == ""
+
+
+def test_run_a_bundle_without_tokenizer(tiny_bert_bundle):
+    result = CliRunner().invoke(main, ["run", str(tiny_bert_bundle[1]), "--text", "hello"])
+    assert result.exit_code == 2
+    assert "has no tokenizer/tokenizer.json" in result.stderr

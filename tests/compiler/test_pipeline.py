@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernl
-from tests.compiler.rewrite_utils import EXPECTED_REWRITES, NOOP_COUNTERS
+from tests.compiler.rewrite_utils import INCIDENTAL_COUNTERS, expected_rewrites
 from tests.models import tiny_bert, tiny_gpt2, tiny_llama, token_inputs
 
 BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
@@ -30,12 +30,8 @@ KERNELS = {
 }
 
 
-# kernl.compile exports under no_grad, where the rotary's own no_grad region leaves no wrapper to inline.
-IGNORED = NOOP_COUNTERS | {"inlined_region"}
-
-
 def _kernel_rewrites(report: dict[str, int]) -> dict[str, int]:
-    return {k: v for k, v in report.items() if k not in IGNORED}
+    return {k: v for k, v in report.items() if k not in INCIDENTAL_COUNTERS}
 
 
 def _manifest_rewrites(bundle: Path) -> dict[str, int]:
@@ -46,7 +42,7 @@ def _manifest_rewrites(bundle: Path) -> dict[str, int]:
 def test_round_trip_cpu(tmp_path, name):
     model = BUILDERS[name]()
     bundle = kernl.compile(model, tmp_path / "bundle", buckets=[(2, 16)], device="cpu")
-    assert _manifest_rewrites(bundle) == _kernel_rewrites(EXPECTED_REWRITES[name])
+    assert _manifest_rewrites(bundle) == expected_rewrites(name, model.config)
     program = (bundle / "program.py").read_text()
     assert all(f"kernl_ops.{k}(" in program for k in KERNELS[name])
     inputs = token_inputs(2, 11)  # padded to the 2x16 bucket by the runtime
@@ -76,7 +72,7 @@ def test_cuda_accuracy(tmp_path, name, dtype):
         ref = model(**inputs)  # fp32: the reference
         hf = copy.deepcopy(model).to(dtype)(**inputs)  # HF itself in the low dtype
     bundle = kernl.compile(model, tmp_path / "bundle", buckets=[(2, 16)], device="cuda", dtype=dtype)
-    assert _manifest_rewrites(bundle) == _kernel_rewrites(EXPECTED_REWRITES[name])
+    assert _manifest_rewrites(bundle) == expected_rewrites(name, model.config)
     out = kernl.load(bundle, device="cuda")(**inputs)
     for key, value in out.items():
         got, want, theirs = value.float(), ref[key].float(), hf[key].float()

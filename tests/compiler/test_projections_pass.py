@@ -8,7 +8,7 @@ from tests.compiler.rewrite_utils import max_diff, rewrite_module
 def test_fires_on_bert_and_matches(families):
     family = families("bert")
     program = family.program
-    assert program.rewrites["fused_projections"] == 2  # Q, K and V of each layer
+    assert program.rewrites["fused_projections"] == family.model.config.num_hidden_layers  # Q, K and V of each layer
     fused = program.weights["p_encoder_layer_0_attention_self_fused_query_key_value_weight"]
     assert fused.shape == (96, 32)
     assert program.weights["p_encoder_layer_0_attention_self_fused_query_key_value_bias"].shape == (96,)
@@ -18,8 +18,11 @@ def test_fires_on_bert_and_matches(families):
 
 
 def test_fires_on_llama_qkv_only(families):
-    program = families("llama").program
-    assert program.rewrites["fused_projections"] == 2  # gate and up went to gated_linear first
+    family = families("llama")
+    program = family.program
+    assert (
+        program.rewrites["fused_projections"] == family.model.config.num_hidden_layers
+    )  # gate and up went to gated_linear first
     assert program.weights["p_layers_0_self_attn_fused_q_k_v_proj_weight"].shape == (64 + 32 + 32, 64)
 
 

@@ -134,7 +134,7 @@ def test_outputs_written_after_the_replay_are_not_copied(cuda_bundle, monkeypatc
     # no output copy. Inside, both outputs are copied out, in one more foreach launch.
     assert counted.ops["aten.clone.default"] == 0, counted.ops
     assert counted.ops["aten._foreach_copy_.default"] == (1 if outside else 2), counted.ops
-    graph_memory = bundle._graphs.graph_memory[(8, 64)]
+    graph_memory = bundle._runner.graphs.graph_memory[(8, 64)]
     assert not storages([out.pooler_output, out.last_hidden_state]) & graph_memory
     want = kernl.load(cuda_bundle[1], cuda_graphs=False)(**inputs)
     assert torch.equal(out.pooler_output, want.pooler_output)

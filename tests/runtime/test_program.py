@@ -2,7 +2,7 @@
 
 import torch
 
-from kernl.runtime.program import own_outputs, program_from_namespace, storages
+from kernl.runtime.program import ProgramSpec, own_outputs, storages
 
 
 def test_only_outputs_in_graph_memory_are_copied():
@@ -31,8 +31,15 @@ def test_sliced_outputs_come_out_compact():
 
 
 def test_a_program_without_a_tail_passes_the_head_values_on():
-    namespace = {"forward": lambda device, w, x: (x * w,)}
-    program = program_from_namespace(namespace, weight_count=1)
+    head = {
+        "params": ["target_device", "w", "x"],
+        "nodes": [["y", "aten.mul.Tensor", [{"ref": "x"}, {"ref": "w"}], {}]],
+        "output": [{"ref": "y"}],
+    }
+    inputs = [{"name": "x", "dtype": "float32", "rank": 1, "fill": "required"}]
+    entries = {"forward": {"head": "f", "tail": None}}
+    spec = ProgramSpec(["w"], inputs, [{"name": "y", "dims": [3]}], {"f": head}, entries)
+    program = spec.bind()
     w, x = torch.randn(3), torch.randn(3)
     values = program.head("cpu", w, x)
     assert program.tail("cpu", w, *values) == values

@@ -21,6 +21,9 @@ from kernl.compiler.passes.noops import remove_inference_noops
 from kernl.compiler.passes.projections import fuse_projections
 from kernl.compiler.passes.rms_norm import fuse_rms_norm
 from kernl.compiler.passes.rotary import fuse_rotary
+from kernl.kernels import register_ops
+
+register_ops()  # the passes write torch.ops.kernl.* calls into the graph
 
 # Order matters:
 # - wrapped regions inlined first, then no-ops removed, so that patterns see one flat graph without dropout;

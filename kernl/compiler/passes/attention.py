@@ -12,7 +12,6 @@ from collections import Counter
 import torch
 import torch.fx
 
-import kernl.kernels.attention  # noqa: F401 - registers torch.ops.kernl.attention
 from kernl.compiler.passes._fx import (
     FLOAT_DTYPES,
     VIEW_OPS,

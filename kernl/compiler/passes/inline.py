@@ -4,7 +4,9 @@ HF's rotary embedding runs under @torch.no_grad (and, in some versions, autocast
 such a region as a `get_attr` submodule called by a higher-order op, which kernl's codegen cannot write.
 At inference neither wrapper changes a value: grad mode is irrelevant, and an autocast-*disabled*
 region computes exactly as plain code (HF casts explicitly inside it). Enabled autocast would change
-dtypes, so that wrapper stays as it is.
+dtypes, so that wrapper stays as it is. Whether a region exists at all depends on the transformers version
+(5.24's Llama rotary has neither wrapper) and on the caller's autocast (HF's maybe_autocast opens a region
+only under an enabled outer autocast, nested in the no-grad one): the pass inlines whatever nesting it finds.
 """
 
 from __future__ import annotations
@@ -39,19 +41,20 @@ def _body_and_args(node: torch.fx.Node) -> tuple[torch.fx.Node, tuple] | None:
     return body, args
 
 
-def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node, body: torch.fx.Node, args: tuple) -> bool:
-    """Copy the body's nodes in place of the wrapper call; False (and nothing changed) when it cannot."""
+def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node, body: torch.fx.Node, args: tuple) -> int:
+    """Copy the body's nodes in place of the wrapper call; how many regions that inlined (0: it could not)."""
     graph = gm.graph
     sub = gm.get_submodule(body.target)
     if not isinstance(sub, torch.fx.GraphModule):
-        return False
+        return 0
+    inner = _inline_all(sub)  # a region nested in this one (no-grad around autocast-off) goes first
     inputs = [n for n in sub.graph.nodes if n.op == "placeholder"]
     output = next(n for n in reversed(sub.graph.nodes) if n.op == "output")
     returns_tuple = isinstance(output.args[0], (tuple, list))
     if len(inputs) != len(args) or (returns_tuple and any(u.target is not operator.getitem for u in node.users)):
-        return False
+        return inner
     if any(n.op == "get_attr" for n in sub.graph.nodes):
-        return False  # export flattens nested regions into siblings; a body reading attributes is left alone
+        return inner  # a body still reading attributes (a region it could not inline) is left alone
     with graph.inserting_before(node):
         out = graph.graph_copy(sub.graph, dict(zip(inputs, args)))
     if returns_tuple:
@@ -63,18 +66,25 @@ def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node, body: torch.fx.Node, 
     graph.erase_node(node)
     if not body.users:
         graph.erase_node(body)
-    return True
+    return inner + 1
+
+
+def _inline_all(gm: torch.fx.GraphModule) -> int:
+    """Inline every inlinable region of gm's graph, nested ones included; how many."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        found = _body_and_args(node)
+        if found is not None:
+            count += _inline(gm, node, *found)
+    if count:
+        gm.delete_all_unused_submodules()
+        gm.recompile()  # a body that stays wrapped must run its new graph
+    return count
 
 
 def inline_higher_order_ops(ctx: PassContext) -> Counter:
     gm = ctx.graph.owning_module
     report: Counter[str] = Counter()
-    if gm is None:
-        return report
-    for node in list(ctx.graph.nodes):
-        found = _body_and_args(node)
-        if found is not None and _inline(gm, node, *found):
-            report["inlined_region"] += 1
-    if report:
-        gm.delete_all_unused_submodules()
+    if gm is not None and (count := _inline_all(gm)):
+        report["inlined_region"] = count
     return report

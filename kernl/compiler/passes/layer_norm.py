@@ -7,7 +7,6 @@ from collections import Counter
 import torch
 import torch.fx
 
-import kernl.kernels  # noqa: F401 - registers torch.ops.kernl
 from kernl.compiler.passes._fx import FLOAT_DTYPES, arg, fake, fuse_add_into_norm, position, replace_with_call
 from kernl.compiler.passes.context import PassContext
 from kernl.kernels.layer_norm import MAX_HIDDEN

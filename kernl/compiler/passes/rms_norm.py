@@ -14,7 +14,6 @@ from collections import Counter
 import torch
 import torch.fx
 
-import kernl.kernels  # noqa: F401 - registers torch.ops.kernl
 from kernl.compiler.passes._fx import (
     FLOAT_DTYPES,
     arg,

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-import kernl.kernels  # noqa: F401 - registers torch.ops.kernl
 from kernl.compiler.passes._fx import (
     FLOAT_DTYPES,
     erase_unused,
