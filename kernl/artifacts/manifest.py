@@ -12,7 +12,7 @@ import torch
 
 from kernl.errors import BundleError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the program is data (program.json); 1 ran program.py, which no kernl loads now
 MANIFEST = "manifest.json"
 REQUIRED_KEYS = ("format_version", "versions", "target", "dtype", "inputs", "outputs", "buckets", "program", "files")
 # Keys outside the digest: the digest itself, and the signature that signs it.

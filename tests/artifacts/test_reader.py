@@ -143,7 +143,7 @@ def test_digest_ignores_the_signature(bundle):
     manifest["signature"] = {"algorithm": "ed25519", "value": "added after the digest"}
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     assert open_bundle(bundle).manifest["signature"]["value"] == "added after the digest"
-    manifest["format_version"] = 1.0  # any other edit still breaks the digest
+    manifest["dtype"] = "float16"  # any other edit still breaks the digest
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="digest does not match"):
         open_bundle(bundle)

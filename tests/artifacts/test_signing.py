@@ -12,7 +12,7 @@ pytest.importorskip("cryptography", reason="signing needs the optional extra ker
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519  # noqa: E402
 
-from kernl.artifacts.manifest import manifest_digest
+from kernl.artifacts.manifest import FORMAT_VERSION, manifest_digest
 from kernl.artifacts.signing import check_signature, generate_key, key_id, load_public_key, signer
 from kernl.errors import BundleError, InputError, KernlError
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 def manifest_body(seed: int) -> dict:
     """A manifest's content as the writer has it before the digest: files with sizes and hashes."""
     return {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "model": f"Model{seed}",
         "files": {
             "weights.safetensors": {"size": 1000 + seed, "sha256": f"{seed:064x}"},
@@ -219,7 +219,8 @@ def test_signed_by_the_writer_verified_through_the_reader(keys, tmp_path):
     with BundleWriter(tmp_path / "b") as writer:
         writer.write_text("weights.safetensors", "not really weights")
         required = {k: {} for k in ("versions", "target", "inputs", "outputs", "buckets", "program")}
-        path = writer.commit({"format_version": 1, "dtype": "float32", **required}, sign=signer(private_path))
+        manifest = {"format_version": FORMAT_VERSION, "dtype": "float32", **required}
+        path = writer.commit(manifest, sign=signer(private_path))
     manifest = open_bundle(path).manifest  # the reader checks the digest, which excludes the signature
     assert check_signature(manifest, [public_path]) == manifest["signature"]["key_id"]
     on_disk = json.loads((path / "manifest.json").read_text())

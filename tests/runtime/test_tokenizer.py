@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from kernl.artifacts.manifest import FORMAT_VERSION
 from kernl.errors import BundleError, InputError
 from kernl.runtime.tokenizer import load_tokenizer
 
@@ -208,7 +209,7 @@ def test_from_a_written_bundle_through_the_reader(tmp_path):
         program = {"file": "program.json", "weights": [], "inputs": BERT_INPUTS}
         writer.write_text("program.json", "{}")
         required = {k: {} for k in ("versions", "target", "inputs", "outputs", "buckets")}
-        path = writer.commit({"format_version": 1, "dtype": "float32", "program": program, **required})
+        path = writer.commit({"format_version": FORMAT_VERSION, "dtype": "float32", "program": program, **required})
     with open_bundle(path) as files:
         assert_same_encoding(hf, load_tokenizer(files), SENTENCES)
     file = path / "tokenizer" / "tokenizer.json"
