@@ -88,7 +88,7 @@ def test_a_fresh_load_compiles_and_tunes_nothing(gpu_bundle, tmp_path, mode):
             installed = mtimes(machine)
     assert snapshot(gpu_bundle) == before, "loading wrote into the bundle"
     assert not default.exists() or not any(default.rglob("*.*")), "Triton used its default cache"
-    assert kernel_keys(gpu_bundle) <= {rel.split("/")[-2] for rel in installed}
+    assert kernel_keys(gpu_bundle) <= {rel.split("/")[-2] for rel in installed if "/" in rel}
     # Triton built its host code (launchers, cuda_utils) here, on this machine, beside the device code.
     assert any(rel.endswith(".so") for rel in installed)
     again = mtimes(machine)
