@@ -87,12 +87,31 @@ def _signature(manifest: dict[str, Any], trusted_keys: tuple[Path, ...]) -> tupl
     return (f"signed by {key_id}, a trusted key" if trusted_keys else text), None
 
 
+def _program_view(path: Path) -> str:
+    """The bundle's readable program (program.py), from its verified bytes."""
+    from kernl.artifacts.reader import open_bundle
+    from kernl.errors import BundleError
+
+    try:
+        with open_bundle(path, verify=True) as files:
+            view = files.manifest["program"].get("view")
+            if not view:
+                raise CliError(f"{path}: this bundle carries no readable program")
+            return files.read(view).decode("utf-8", errors="replace")
+    except BundleError as err:
+        raise CliError(str(err)) from None
+
+
 @click.command(name="inspect", cls=Command)
 @click.argument("bundle", type=click.Path(path_type=Path))
 @trusted_key_option
-def inspect_command(bundle: Path, trusted_keys: tuple[Path, ...]) -> None:
+@click.option("--program", "show_program", is_flag=True, help="print the rewritten program (readable view; never run)")
+def inspect_command(bundle: Path, trusted_keys: tuple[Path, ...], show_program: bool) -> None:
     """Describe BUNDLE (directory or .kernl archive), who signed it, and whether this machine can load it."""
     check_bundle_path(bundle)
+    if show_program:
+        click.echo(_program_view(bundle), nl=False)
+        return
     manifest, root, problem = _read(bundle)
     signed, refused = _signature(manifest, trusted_keys)
     ok, why = loadability(manifest, problem or refused)

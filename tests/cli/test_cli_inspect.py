@@ -61,3 +61,10 @@ def test_loadability_of_a_cuda_bundle_here():
         assert "compute capability 0.1" in why and "recompile=True" in why
     else:
         assert "no CUDA GPU" in why
+
+
+def test_inspect_prints_the_readable_program(mlm_bundle):
+    out, _ = mlm_bundle
+    result = CliRunner().invoke(main, ["inspect", str(out), "--program"])
+    assert result.exit_code == 0, result.output
+    assert "def head(" in result.output and "kernl_ops." in result.output
