@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from kernl.commands.timing import median_ms
+from kernl.commands.timing import graph_us_per_call
 from kernl.kernels._attention_kernel import AttentionConfig, attention_config, launch_attention
 from kernl.kernels.attention import attention_reference
 
@@ -38,18 +38,6 @@ CONFIGS = [
 LAUNCHES = 20
 
 
-def per_kernel_us(fn) -> float:
-    side = torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
-        for _ in range(LAUNCHES):
-            fn()
-    return median_ms(graph.replay, torch.device("cuda"), warmup=5, runs=50) * 1e3 / LAUNCHES
-
-
 def main() -> None:
     torch.manual_seed(0)
     for batch, hq, hkv, seq, d, causal, padded in SHAPES:
@@ -68,7 +56,7 @@ def main() -> None:
             ok = "" if err < 2e-2 else f" ERR {err:.3f}"
             mark = "*" if cfg == default else ""
             tile = f"{cfg.block_m}/{cfg.block_n}/w{cfg.num_warps}/s{cfg.num_stages}{mark}"
-            cells.append(f"{tile} {per_kernel_us(run):.2f}{ok}")
+            cells.append(f"{tile} {graph_us_per_call(run, LAUNCHES):.2f}{ok}")
         name = f"b{batch} h{hq}/{hkv} s{seq} d{d}{' causal' if causal else ''}{' mask' if padded else ''}"
         print(f"{name:32s} " + " | ".join(cells), flush=True)
 

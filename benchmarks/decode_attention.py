@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernl.commands.timing import median_ms
+from kernl.commands.timing import graph_us_per_call, median_ms
 from kernl.kernels._decode_attention_kernel import DecodeConfig, decode_config, launch_decode_attention
 from kernl.kernels.decode_attention import decode_attention, decode_attention_append, decode_attention_reference
 
@@ -49,19 +49,6 @@ SHAPES = [
     ("gpt2", 1, 12, 12, 64, 1024, 384),
     ("gpt2", 8, 12, 12, 64, 1024, 1024),
 ]
-
-
-def per_call_us(fn: Callable[[], object]) -> float:
-    """µs per call of fn, LAUNCHES calls captured in one CUDA graph, median of replays."""
-    side = torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
-        for _ in range(LAUNCHES):
-            fn()
-    return median_ms(graph.replay, torch.device("cuda"), warmup=5, runs=50) * 1e3 / LAUNCHES
 
 
 def copy_gbs() -> float:
@@ -131,7 +118,7 @@ def bench_shape(shape: tuple, dtype: torch.dtype, ceiling: float, sweep: bool) -
             "max_len": max_len, "length": length, "dtype": str(dtype).removeprefix("torch."),
             "bytes_needed": read + io}  # fmt: skip
     for impl, (fn, moved) in impls.items():
-        us = per_call_us(fn)
+        us = graph_us_per_call(fn, LAUNCHES)
         row = {**base, "impl": impl, "us": us, "bytes_moved": moved, "gbs": moved / us / 1e3}
         row["fraction_of_copy"] = row["gbs"] / ceiling
         # Against the bytes the step needs: what counts for tokens/s, whatever an implementation reads.
@@ -146,7 +133,7 @@ def bench_shape(shape: tuple, dtype: torch.dtype, ceiling: float, sweep: bool) -
                 fn = checked(
                     lambda alt=alt: launch_decode_attention(q, k_cache, v_cache, lengths, None, None, scale, alt)
                 )
-                us = per_call_us(fn)
+                us = graph_us_per_call(fn, LAUNCHES)
             except Exception as e:  # a config that does not fit (shared memory) is skipped
                 print(f"  skip {alt}: {type(e).__name__}", flush=True)
                 continue

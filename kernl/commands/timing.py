@@ -28,3 +28,17 @@ def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, ru
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def graph_us_per_call(fn: Callable[[], object], launches: int = 20) -> float:
+    """GPU µs per call of fn: `launches` calls captured in one CUDA graph, median of its replays, so that host
+    launch overhead does not count (kernel benchmarks)."""
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        for _ in range(launches):
+            fn()
+    return median_ms(graph.replay, torch.device("cuda"), warmup=5, runs=50) * 1e3 / launches

@@ -11,7 +11,7 @@ from torch.export.graph_signature import InputKind
 
 from kernl.compiler.codegen import bind_device, program_source
 from kernl.compiler.hoist import hoist_invariants
-from kernl.compiler.inputs import InputSpec, example_inputs_for, input_specs
+from kernl.compiler.inputs import example_inputs_for, input_specs
 from kernl.compiler.outputs import output_layout, output_names
 from kernl.compiler.passes import run_passes
 from kernl.compiler.serialize import program_spec
@@ -29,10 +29,6 @@ class Lowered:
     spec: ProgramSpec  # the program as data: what a bundle holds and what runs
     source: str  # program.py, its readable view
     weights: dict[str, torch.Tensor]  # program weight inputs by placeholder name
-    weight_names: list[str]  # the program's weight parameters, in order
-    input_names: list[str]  # the program's user inputs, in order
-    specs: list[InputSpec]  # every example input (name, dtype, fill rule)
-    outputs: list[dict]  # {"name": ..., "dims": [...]} per output; dims are "batch", "seq" or ints
     report: dict[str, int]  # rewrite counters
     mode: str  # export mode: "strict-dynamic", "nonstrict-dynamic" or "static"
     buckets: list[tuple[int, int]]  # the sorted buckets the program was exported for
@@ -40,8 +36,14 @@ class Lowered:
     device: torch.device
     make_inputs: Callable[[int, int], dict[str, torch.Tensor]]
 
+    @property
+    def input_names(self) -> list[str]:
+        """The program's user inputs, in order."""
+        return self.spec.input_names
+
     def weight_list(self) -> list[torch.Tensor]:
-        return [self.weights[name] for name in self.weight_names]
+        """The program's weight parameters, in order."""
+        return [self.weights[name] for name in self.spec.weights]
 
     def bind(self) -> Program:
         """The program's forward entry, bound from its data exactly as a bundle's load binds it."""
@@ -147,7 +149,6 @@ def lower_model(
         split=split,
         weight_count=len(weight_names),
     )
-    specs = [s for s in specs if s.name in user_inputs]
     outputs = [{"name": n, "dims": d} for n, d in zip(names, layout)]
     by_name = {s.name: s.to_json() for s in specs}
     inputs = [by_name[name] for name in user_inputs]
@@ -157,10 +158,6 @@ def lower_model(
         spec=spec,
         source=source,
         weights=weights,
-        weight_names=weight_names,
-        input_names=user_inputs,
-        specs=specs,
-        outputs=outputs,
         report=report,
         mode=traced.mode,
         buckets=buckets,

@@ -7,6 +7,7 @@ op's schema is refused by name before anything runs.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 from collections.abc import Callable
@@ -70,6 +71,10 @@ def _check_schema(target: str, overload: torch._ops.OpOverload, n_args: int, kwa
         raise BundleError(f"program: {target} has no argument {unknown[0]!r}")
 
 
+# Hundreds of nodes call a handful of kernels: each signature is read once per process.
+_signature = functools.cache(inspect.signature)
+
+
 def resolve(target: str, n_args: int, kwargs: list[str], kernl_ops: dict[str, Callable]) -> Callable:
     """The callable for an op of program data, after checking its name and argument names against the allow-list.
 
@@ -88,7 +93,7 @@ def resolve(target: str, n_args: int, kwargs: list[str], kernl_ops: dict[str, Ca
     if target in kernl_ops:
         fn = kernl_ops[target]
         try:
-            inspect.signature(fn).bind(*range(n_args), **dict.fromkeys(kwargs))
+            _signature(fn).bind(*range(n_args), **dict.fromkeys(kwargs))
         except TypeError as err:
             raise BundleError(f"program: {target}: {err}") from None
         return fn
