@@ -32,16 +32,41 @@ def compile(
 ) -> Path:
     """Export model for the (batch, seq_len) buckets, rewrite it onto kernl's kernels, and write a bundle.
 
+    generation: a dict {max_length, batch_sizes, seq_lens?} makes a text-generation bundle (prefill per
+    (batch, prompt length) bucket, decode step per batch size, KV cache of max_length); its seq_lens default
+    to the buckets' lengths.
     options: tokenizer (saved into the bundle), overwrite (replace an existing output_dir), archive (also
     write the one-file form, output_dir + ".kernl"), progress (a callable given each stage's name),
     metadata (extra JSON entries for the manifest, e.g. {"task": ...}), sign_key (an Ed25519 private key, PEM
     path or bytes, that signs the bundle).
     """
+    generation = options.pop("generation", None)
+    if generation is not None:
+        return _compile_generation(model, output_dir, buckets, generation, dtype, device, example_inputs, options)
     from kernl.compiler import compile_model
 
     return compile_model(
         model, output_dir, buckets=buckets, dtype=dtype, device=device, example_inputs=example_inputs, **options
     )
+
+
+def _compile_generation(model, output_dir, buckets, generation, dtype, device, example_inputs, options) -> Path:
+    from kernl.compiler import GenerationSettings, compile_generation
+
+    if example_inputs is not None:
+        raise KernlError("example_inputs: a generation bundle's inputs are token ids and positions, not custom")
+    if not isinstance(generation, dict) or "max_length" not in generation:
+        raise KernlError("generation: expected a dict with max_length (and batch_sizes, seq_lens)")
+    unknown = set(generation) - {"max_length", "batch_sizes", "seq_lens"}
+    if unknown:
+        raise KernlError(f"generation: unknown setting {sorted(unknown)[0]!r}")
+    batch_sizes = generation.get("batch_sizes") or sorted({b for b, _ in buckets or []}) or [1]
+    seq_lens = generation.get("seq_lens") or sorted({s for _, s in buckets or []})
+    config = getattr(model, "config", None)
+    model_max = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions") if
+                      isinstance(getattr(config, k, None), int)), None)  # fmt: skip
+    settings = GenerationSettings.checked(generation["max_length"], batch_sizes, seq_lens, model_max)
+    return compile_generation(model, output_dir, settings=settings, dtype=dtype, device=device, **options)
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, **options) -> Bundle:

@@ -24,7 +24,7 @@ from kernl.runtime.program import PROGRAM_FILE, PROGRAM_VIEW
 # Keys compile_model writes into the manifest; metadata= may add others, never replace these.
 MANIFEST_KEYS = frozenset(
     "format_version model versions target dtype export_mode inputs outputs buckets rewrites program weights checks "
-    "kernels build_seconds files digest".split()
+    "kernels build_seconds files digest generation".split()
 )
 
 

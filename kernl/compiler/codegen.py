@@ -161,3 +161,16 @@ def program_source(
     if split is not None:
         extra += f"WEIGHT_COUNT = {weight_count}\n"
     return header + (extra + "\n" if extra else "") + "".join(parts + functions)
+
+
+def generation_source(entries: dict[str, torch.fx.GraphModule], *, model_name: str, version: str, report) -> str:
+    """Python source of a generation program: one function per entry (prefill, decode)."""
+    used: dict = {}
+    functions = []
+    for name, gm in entries.items():
+        text, more = _function_source(gm, name)
+        used.update(more)
+        functions.append(text)
+    header = HEADER.format(model=model_name, version=version, outputs="logits", report=report or "none")
+    extra = "".join(_global_line(name, value) + "\n" for name, value in sorted(used.items()))
+    return header + (extra + "\n" if extra else "") + "\n\n".join(functions)

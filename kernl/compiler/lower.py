@@ -81,17 +81,35 @@ def _resize(t: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
     return t.repeat(*reps)[:batch, :seq].contiguous()
 
 
-def lower_model(
+@dataclass
+class Rewritten:
+    """An exported model's graph after the rewrite passes, before it becomes program entries."""
+
+    model: torch.nn.Module
+    gm: torch.fx.GraphModule
+    weights: dict[str, torch.Tensor]
+    report: dict[str, int]
+    mode: str
+    example: dict[str, torch.Tensor]
+    eager_out: object
+    program: object  # the ExportedProgram
+    user_inputs: list[str]
+    specs: list
+    make_inputs: Callable[[int, int], dict[str, torch.Tensor]]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def rewrite_model(
     model: torch.nn.Module,
-    buckets: Sequence[tuple[int, int]],
+    buckets: list[tuple[int, int]],
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     example_inputs: dict[str, torch.Tensor] | None = None,
     stage: Callable[[str], None] | None = None,
-) -> Lowered:
-    """Export model for buckets and rewrite it onto kernl's kernels; stage(name) marks "export" and "rewrite"."""
-    buckets = check_buckets(buckets)
+) -> Rewritten:
+    """Export model for buckets and run the rewrite passes; stage(name) marks "export" and "rewrite"."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KernlError("device cuda: no CUDA GPU is available on this machine")
@@ -123,14 +141,33 @@ def lower_model(
         traced = export_model(model, make_inputs, buckets)
         eager_out = model(**traced.example)
     ep = traced.program
-    layout = output_layout(ep, traced.example, static=traced.mode == "static")
-    names = output_names(eager_out, len(layout))
 
     stage("rewrite")
     gm = ep.graph_module
     weights = _weights(ep)
     user_inputs = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
     report = run_passes(gm, weights)
+    return Rewritten(
+        model, gm, weights, report, traced.mode, traced.example, eager_out, ep, user_inputs, specs, make_inputs,
+        dtype, device,
+    )  # fmt: skip
+
+
+def lower_model(
+    model: torch.nn.Module,
+    buckets: Sequence[tuple[int, int]],
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    example_inputs: dict[str, torch.Tensor] | None = None,
+    stage: Callable[[str], None] | None = None,
+) -> Lowered:
+    """Export model for buckets and rewrite it onto kernl's kernels; stage(name) marks "export" and "rewrite"."""
+    buckets = check_buckets(buckets)
+    rw = rewrite_model(model, buckets, dtype=dtype, device=device, example_inputs=example_inputs, stage=stage)
+    model, gm, weights, report = rw.model, rw.gm, rw.weights, rw.report
+    layout = output_layout(rw.program, rw.example, static=rw.mode == "static")
+    names = output_names(rw.eager_out, len(layout))
     bind_device(gm.graph)
     gm.recompile()
     weight_names = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name in weights]
@@ -150,8 +187,8 @@ def lower_model(
         weight_count=len(weight_names),
     )
     outputs = [{"name": n, "dims": d} for n, d in zip(names, layout)]
-    by_name = {s.name: s.to_json() for s in specs}
-    inputs = [by_name[name] for name in user_inputs]
+    by_name = {s.name: s.to_json() for s in rw.specs}
+    inputs = [by_name[name] for name in rw.user_inputs]
     spec = program_spec(gm, invariants=hoisted, split=split, weights=weight_names, inputs=inputs, outputs=outputs)
     return Lowered(
         model=model,
@@ -159,9 +196,9 @@ def lower_model(
         source=source,
         weights=weights,
         report=report,
-        mode=traced.mode,
+        mode=rw.mode,
         buckets=buckets,
-        dtype=dtype,
-        device=device,
-        make_inputs=make_inputs,
+        dtype=rw.dtype,
+        device=rw.device,
+        make_inputs=rw.make_inputs,
     )

@@ -93,3 +93,19 @@ def program_spec(
         functions["forward.head"], functions["forward.tail"] = function_data(split[0]), function_data(split[1])
         entry = {"head": "forward.head", "tail": "forward.tail"}
     return ProgramSpec(weights, inputs, outputs, functions, {FORWARD: entry})
+
+
+def generation_spec(
+    entries: dict[str, tuple[torch.fx.GraphModule, list[dict]]],
+    *,
+    weights: list[str],
+    state: list[dict],
+    outputs: list[dict],
+) -> ProgramSpec:
+    """A generation program as data: each entry (prefill, decode) one function over (device, weights, state,
+    its own inputs), with no tail (its logits stay in graph memory for the sampler)."""
+    functions = {name: function_data(gm) for name, (gm, _) in entries.items()}
+    table = {
+        name: {"head": name, "tail": None, "inputs": inputs, "state": True} for name, (_, inputs) in entries.items()
+    }
+    return ProgramSpec(weights, [], outputs, functions, table, state)

@@ -188,6 +188,35 @@ def decode_attention_append(
     return launch_decode_attention(q, k_cache, v_cache, positions, k_new, v_new, scale)
 
 
+def cache_fill(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor
+) -> None:
+    """In place: a prefill's keys and values into the cache, row b of k/v into cache row rows[b], positions
+    [0, seq). k_cache, v_cache: [rows_max, heads_kv, max_len, head_dim]; k, v: [batch, heads_kv, seq, head_dim],
+    any strides, seq <= max_len; rows: [batch] int64 on the cache's device, each in [0, rows_max) (a padded
+    row of a batch bucket points at a scratch row nothing reads). One copy kernel per tensor, no host sync."""
+    check_tensor("k", k, ndim=4)
+    check_tensor("k_cache", k_cache, ndim=4, like=k)
+    check_tensor("v_cache", v_cache, ndim=4, like=k)
+    check_tensor("v", v, ndim=4, like=k)
+    seq = k.shape[2]
+    if k.shape[1] != k_cache.shape[1] or k.shape[3] != k_cache.shape[3] or seq > k_cache.shape[2]:
+        raise ValueError(f"k: shape {tuple(k.shape)} does not fit the cache {tuple(k_cache.shape)}")
+    if v.shape != k.shape or v_cache.shape != k_cache.shape:
+        raise ValueError(f"v, v_cache: shapes {tuple(v.shape)}, {tuple(v_cache.shape)} differ from k's, k_cache's")
+    check_tensor("rows", rows, ndim=1, dtypes=(torch.int64,))
+    if rows.shape[0] != k.shape[0] or rows.device != k.device:
+        raise ValueError(f"rows: shape {tuple(rows.shape)} on {rows.device}, expected [{k.shape[0]}] on {k.device}")
+    k_cache[:, :, :seq].index_copy_(0, rows, k)
+    v_cache[:, :, :seq].index_copy_(0, rows, v)
+
+
+def cache_fill_call(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor
+) -> None:
+    cache_fill(k_cache, v_cache, k, v, rows)
+
+
 def decode_attention_call(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, scale: float | None
 ) -> torch.Tensor:
@@ -214,6 +243,7 @@ def decode_attention_append_call(
 
 decode_attention_op = custom_op("kernl::decode_attention", decode_attention_call, mutates_args=())
 cache_append_op = custom_op("kernl::cache_append", cache_append_call, mutates_args=("k_cache", "v_cache"))
+cache_fill_op = custom_op("kernl::cache_fill", cache_fill_call, mutates_args=("k_cache", "v_cache"))
 decode_attention_append_op = custom_op(
     "kernl::decode_attention_append", decode_attention_append_call, mutates_args=("k_cache", "v_cache")
 )
@@ -226,6 +256,11 @@ def _(q, k_cache, v_cache, lengths, scale):
 
 @cache_append_op.register_fake
 def _(k_cache, v_cache, k_new, v_new, positions):
+    return None
+
+
+@cache_fill_op.register_fake
+def _(k_cache, v_cache, k, v, rows):
     return None
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from kernl.errors import InputError
 from kernl.runtime.dispatch import check_inputs, pick_bucket
+from kernl.runtime.generation import Generator, Settings, output_ids
 from kernl.runtime.output import BundleOutput
 from kernl.runtime.program import Program, ProgramSpec
 from kernl.runtime.runner import Runner
@@ -24,7 +26,7 @@ class Bundle:
         self,
         manifest: dict[str, Any],
         spec: ProgramSpec,
-        program: Program,
+        program: Program | None,
         weights: list[torch.Tensor],
         device: torch.device,
         *,
@@ -39,13 +41,21 @@ class Bundle:
         self._spec = spec
         self._lock = threading.Lock()
         self._tokenizer_loader, self._tokenizer = tokenizer, None
-        inputs = [(s["name"], getattr(torch, s["dtype"])) for s in spec.inputs]
-        self._runner = Runner(program, weights, inputs, spec.outputs, device, graphs=cuda_graphs, scope=scope)
         # Seconds spent in each step of kernl.load (verify, weights, warm-up, capture...), for diagnosis.
         self.load_timings: dict[str, float] = {}
-        if capture == "all":
-            self._runner.capture(self.buckets)
-            self.load_timings.update(self._runner.timings)
+        self._runner = self._generator = None
+        if program is not None:
+            inputs = [(s["name"], getattr(torch, s["dtype"])) for s in spec.inputs]
+            self._runner = Runner(program, weights, inputs, spec.outputs, device, graphs=cuda_graphs, scope=scope)
+            if capture == "all":
+                self._runner.capture(self.buckets)
+                self.load_timings.update(self._runner.timings)
+        if "generation" in manifest:
+            settings = Settings.from_manifest(manifest)
+            self._generator = Generator(spec, weights, device, settings, cuda_graphs=cuda_graphs, scope=scope)
+            if capture == "all":
+                self._generator.capture()
+                self.load_timings.update(self._generator.timings)
 
     def __repr__(self) -> str:
         return f"<kernl.Bundle {self.manifest.get('model')} on {self.device}, buckets {self.buckets}>"
@@ -59,9 +69,38 @@ class Bundle:
 
     @torch.no_grad()
     def __call__(self, **inputs: torch.Tensor) -> BundleOutput:
+        if self._runner is None:
+            raise InputError("this bundle generates text: call bundle.generate(input_ids, ...) or bundle.stream(...)")
         tensors = check_inputs(inputs, self._spec.inputs, self.buckets)
         batch, seq = next(iter(tensors.values())).shape
         bucket = pick_bucket(batch, seq, self.buckets, self._spec.input_names[0])
         with self._lock:  # one replay at a time: the static buffers are shared
             outs = self._runner(bucket, tensors)
         return BundleOutput((spec["name"], out) for spec, out in zip(self._spec.outputs, outs))
+
+    def _generation(self) -> Generator:
+        if self._generator is None:
+            raise InputError("this bundle was not compiled for text generation (kernl-compile --task text-generation)")
+        return self._generator
+
+    def generate(self, input_ids, attention_mask=None, **options) -> torch.Tensor:
+        """Generate from prompts: HF-style [batch, seq] tensors (with attention_mask when padded, either side)
+        or a ragged list of token-id lists. Returns [batch, prompt + new] ids on the host, as transformers'
+        generate does. options: max_new_tokens (required), do_sample, temperature, top_k, top_p,
+        repetition_penalty, eos_token_id, pad_token_id, seed."""
+        generator = self._generation()
+        req = generator.request(input_ids, attention_mask, **options)
+        with self._lock:
+            seq, produced = generator.run(req)
+        return output_ids(input_ids, req, seq, produced)
+
+    def stream(self, input_ids, attention_mask=None, **options) -> Iterator[torch.Tensor]:
+        """As generate, yielding each step's new tokens ([batch] int64 on the host; pad for finished rows)."""
+        generator = self._generation()
+        req = generator.request(input_ids, attention_mask, **options)  # bad arguments raise here, not at next()
+
+        def tokens() -> Iterator[torch.Tensor]:
+            with self._lock:
+                yield from generator.stream(req)
+
+        return tokens()

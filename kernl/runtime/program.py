@@ -7,14 +7,18 @@ allocate them fresh. Every function takes (target_device, *weights, ...): the he
 the tail then the values the head returns. A function may call the shared `invariants` function (values that
 depend only on the weights and the input shapes), which runs once per shape.
 
-On disk: program.json holds {"format_version", "functions", "entries"}; the manifest holds the weights, inputs
-and outputs; program.py beside them is a readable view that nothing runs.
+A generation program has no "forward" but a "prefill" and a "decode" entry, each with its own inputs (listed in
+the entry), and state: tensors the runtime allocates at load from their specs ({name, dtype, shape}: the KV
+cache) and passes after the weights, (target_device, *weights, *state, *inputs); its kernels write them in place.
+
+On disk: program.json holds {"format_version", "functions", "entries"}; the manifest holds the weights, inputs,
+outputs and state; program.py beside them is a readable view that nothing runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -25,6 +29,7 @@ PROGRAM_FILE = "program.json"
 PROGRAM_VIEW = "program.py"
 PROGRAM_FORMAT = 1
 FORWARD = "forward"
+GENERATION_ENTRIES = ("prefill", "decode")
 
 
 class Program(NamedTuple):
@@ -44,11 +49,23 @@ class ProgramSpec:
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     functions: dict[str, dict]
-    entries: dict[str, dict[str, str | None]]  # entry -> {"head": function name, "tail": function name or None}
+    # entry -> {"head": function name, "tail": function name or None}, and for generation entries "inputs" (their
+    # input specs) and "state": true (the state tensors come after the weights).
+    entries: dict[str, dict[str, Any]]
+    state: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def input_names(self) -> list[str]:
         return [spec["name"] for spec in self.inputs]
+
+    def entry_inputs(self, entry: str) -> list[dict[str, Any]]:
+        """The input specs of an entry: the program's inputs for forward, the entry's own otherwise."""
+        spec = self.entries.get(entry) or {}
+        return spec.get("inputs", self.inputs) if entry != FORWARD else self.inputs
+
+    def allocate_state(self, device: torch.device) -> list[torch.Tensor]:
+        """Zero-filled state tensors (the KV cache) on device, in program order."""
+        return [torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"]), device=device) for s in self.state]
 
     def data(self) -> dict[str, Any]:
         """program.json's content."""
@@ -57,6 +74,8 @@ class ProgramSpec:
     def manifest_entries(self) -> dict[str, Any]:
         """What the manifest says of the program (its "inputs", "outputs" and "program" keys)."""
         program = {"file": PROGRAM_FILE, "view": PROGRAM_VIEW, "weights": self.weights, "inputs": self.input_names}
+        if self.state:
+            program["state"] = self.state
         return {"inputs": self.inputs, "outputs": self.outputs, "program": program}
 
     @classmethod
@@ -65,15 +84,27 @@ class ProgramSpec:
         if not isinstance(data, dict) or data.get("format_version") != PROGRAM_FORMAT:
             raise BundleError(f"{PROGRAM_FILE}: not a kernl program of format {PROGRAM_FORMAT}")
         functions, entries = data.get("functions"), data.get("entries")
-        if not isinstance(functions, dict) or not isinstance(entries, dict) or FORWARD not in entries:
-            raise BundleError(f"{PROGRAM_FILE}: needs functions and a {FORWARD!r} entry")
+        has_entry = (
+            FORWARD in entries or all(e in entries for e in GENERATION_ENTRIES) if isinstance(entries, dict) else False
+        )
+        if not isinstance(functions, dict) or not has_entry:
+            raise BundleError(f"{PROGRAM_FILE}: needs functions and a {FORWARD!r} entry, or prefill and decode")
         program = manifest["program"]
         by_name = {spec.get("name"): spec for spec in manifest["inputs"]}
         try:
             inputs = [by_name[name] for name in program["inputs"]]
         except KeyError as err:
             raise BundleError(f"manifest.json: program input {err} has no spec") from None
-        return cls(list(program["weights"]), inputs, list(manifest["outputs"]), functions, entries)
+        state = program.get("state", [])
+        for spec in state:
+            ok = isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("shape"), list)
+            if (
+                not ok
+                or not all(isinstance(d, int) and d >= 0 for d in spec["shape"])
+                or not _is_dtype(spec.get("dtype"))
+            ):
+                raise BundleError(f"manifest.json: bad state spec {spec!r}")
+        return cls(list(program["weights"]), inputs, list(manifest["outputs"]), functions, entries, list(state))
 
     def bind(self, entry: str = FORWARD) -> Program:
         """The entry point as callables; checks every op of every function against the allow-list first."""
@@ -91,14 +122,20 @@ class ProgramSpec:
         if not isinstance(spec, dict) or spec.get("head") not in bound:
             raise BundleError(f"{PROGRAM_FILE}: entry {entry!r} has no head function")
         head, tail_name, weight_count = bound[spec["head"]], spec.get("tail"), len(self.weights)
-        if head.n_params != 1 + weight_count + len(self.inputs):
+        n_state = len(self.state) if spec.get("state") else 0
+        n_inputs = len(self.entry_inputs(entry))
+        if head.n_params != 1 + weight_count + n_state + n_inputs:
             raise BundleError(f"{PROGRAM_FILE}: {spec['head']} takes {head.n_params} parameters, not device + "
-                              f"{weight_count} weights + {len(self.inputs)} inputs")  # fmt: skip
+                              f"{weight_count} weights + {n_state} state + {n_inputs} inputs")  # fmt: skip
         if tail_name is None:
             return Program(head, _pass_through(weight_count), weight_count)
         if tail_name not in bound:
             raise BundleError(f"{PROGRAM_FILE}: entry {entry!r} names a missing tail {tail_name!r}")
         return Program(head, bound[tail_name], weight_count)
+
+
+def _is_dtype(name) -> bool:
+    return isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype)
 
 
 def _pass_through(weight_count: int) -> Callable:
