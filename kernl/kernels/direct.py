@@ -5,6 +5,8 @@ torch._dynamo, which costs 1-5 s of a fresh process's start.
 """
 
 from kernl.kernels.attention import attention_call as attention
+from kernl.kernels.decode_attention import cache_fill_call as cache_fill
+from kernl.kernels.decode_attention import decode_attention_append_call as decode_attention_append
 from kernl.kernels.gated_linear import gated_linear_call as gated_linear
 from kernl.kernels.layer_norm import add_layer_norm_call as add_layer_norm
 from kernl.kernels.layer_norm import layer_norm_call as layer_norm
@@ -13,4 +15,15 @@ from kernl.kernels.rms_norm import add_rms_norm_call as add_rms_norm
 from kernl.kernels.rms_norm import rms_norm_call as rms_norm
 from kernl.kernels.rotary import rotary_call as rotary
 
-__all__ = ["add_layer_norm", "add_rms_norm", "attention", "gated_linear", "layer_norm", "linear", "rms_norm", "rotary"]
+__all__ = [
+    "add_layer_norm",
+    "add_rms_norm",
+    "attention",
+    "cache_fill",
+    "decode_attention_append",
+    "gated_linear",
+    "layer_norm",
+    "linear",
+    "rms_norm",
+    "rotary",
+]

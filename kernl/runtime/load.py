@@ -19,7 +19,7 @@ from kernl.artifacts.weights import load_weights
 from kernl.errors import BundleError
 from kernl.runtime.bundle import CAPTURE_MODES, Bundle
 from kernl.runtime.compat import resolve_device
-from kernl.runtime.program import ProgramSpec
+from kernl.runtime.program import FORWARD, ProgramSpec
 
 
 def load(
@@ -61,7 +61,7 @@ def load(
     with ThreadPoolExecutor(1, thread_name_prefix="kernl-weights") as pool:
         loading = pool.submit(load_weights, files, device, verify=verify)
         spec = ProgramSpec.from_bundle(manifest, _json(files, manifest["program"]["file"]))
-        program = spec.bind()
+        program = spec.bind() if FORWARD in spec.entries else None  # generation bundles bind in Bundle
         phase("bind_s")
         scope = _kernels(files, device, recompile=recompile)
         phase("kernels_s")
