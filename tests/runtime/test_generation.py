@@ -24,9 +24,9 @@ PROMPTS = [[3, 4, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]
 
 def tiny_lm(name: str, **overrides) -> torch.nn.Module:
     if name == "gpt2":
-        config = GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=1,
-                            eos_token_id=2, **overrides)  # fmt: skip
-        return GPT2LMHeadModel(config).eval()
+        config = dict(vocab_size=99, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=2)
+        config.update(overrides)
+        return GPT2LMHeadModel(GPT2Config(**config)).eval()
     config = dict(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16, intermediate_size=128, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
                   pad_token_id=0)  # fmt: skip
