@@ -174,6 +174,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--cold", action="store_true")
+    parser.add_argument("--bundle", help="reuse the generation bundle at this path (skip the compile)")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -210,16 +211,16 @@ def main() -> None:
     result["batch1_floor_ms"] = round(floor * 1e3, 3)
     print(f"{result['gpu']}: copy {bandwidth / 1e12:.2f} TB/s, batch-1 floor {floor * 1e3:.3f} ms/token", flush=True)
 
-    path = os.path.join(tempfile.mkdtemp(), "bundle")
-    t = time.perf_counter()
-    kernl.compile(
-        model, path, buckets=[], generation={"max_length": max_length, "batch_sizes": batches, "seq_lens": seq_lens}
-    )
-    result["compile_s"] = round(time.perf_counter() - t, 1)
+    path = args.bundle or os.path.join(tempfile.mkdtemp(), "bundle")
+    if not os.path.exists(path):
+        t = time.perf_counter()
+        generation = {"max_length": max_length, "batch_sizes": batches, "seq_lens": seq_lens}
+        kernl.compile(model, path, buckets=[], generation=generation)
+        result["compile_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     bundle = kernl.load(path)
     result["load_s"] = round(time.perf_counter() - t, 2)
-    print(f"compile {result['compile_s']} s, load {result['load_s']} s", flush=True)
+    print(f"compile {result.get('compile_s')} s, load {result['load_s']} s", flush=True)
 
     for batch in batches:
         row = bench_batch(bundle, model, batch, floor, args)

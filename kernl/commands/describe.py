@@ -66,7 +66,11 @@ def model_text(manifest: dict[str, Any]) -> str:
 
 def checks_table(manifest: dict[str, Any]) -> str:
     rows = [
-        (f"{c['bucket'][0]}x{c['bucket'][1]}", f"{c['cosine']:.6f}", f"{c['max_abs_diff']:.3e}")
+        (
+            (f"{c['entry']} " if "entry" in c else "") + f"{c['bucket'][0]}x{c['bucket'][1]}",
+            f"{c['cosine']:.6f}",
+            f"{c['max_abs_diff']:.3e}",
+        )
         for c in manifest.get("checks") or []
     ]
     return table(("bucket", "cosine to the model", "max abs diff"), rows)
@@ -106,6 +110,14 @@ def signature_text(manifest: dict[str, Any]) -> str:
     return f"signed by {key_id}"
 
 
+def generation_text(gen: dict[str, Any]) -> str:
+    cache = gen.get("cache") or {}
+    return (
+        f"decode batches {', '.join(map(str, gen['batch_sizes']))}; max length {gen['max_length']}; "
+        f"KV cache {human_size(cache.get('bytes', 0))}"
+    )
+
+
 def compile_summary(manifest: dict[str, Any], path: str) -> str:
     """What `kernl-compile` prints at the end."""
     head = fields(
@@ -115,6 +127,7 @@ def compile_summary(manifest: dict[str, Any], path: str) -> str:
             ("dtype", manifest["dtype"]),
             ("target", target_text(manifest)),
             ("buckets", buckets_text(manifest)),
+            *([("generation", generation_text(manifest["generation"]))] if "generation" in manifest else []),
             ("rewrites", rewrites_text(manifest)),
             ("kernels", f"{kernel_count(manifest)} compiled Triton kernels"),
             ("size", f"{human_size(bundle_bytes(manifest))} in {len(manifest['files']) + 1} files"),

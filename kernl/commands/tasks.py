@@ -9,6 +9,7 @@ AUTO_CLASSES = {
     "masked-lm": "AutoModelForMaskedLM",
     "sequence-classification": "AutoModelForSequenceClassification",
     "causal-lm": "AutoModelForCausalLM",
+    "text-generation": "AutoModelForCausalLM",
 }
 TASKS = ("auto", *AUTO_CLASSES)
 

@@ -166,6 +166,16 @@ class BundleTokenizer:
         }
         return {name: torch.tensor(columns[name], dtype=torch.long) for name in self.input_names}
 
+    def encode(self, texts: str | list[str]) -> list[list[int]]:
+        """Token ids of each text, unpadded and untruncated (prompts for generate)."""
+        batch = [texts] if isinstance(texts, str) else list(texts) if isinstance(texts, list | tuple) else []
+        if not batch or not all(isinstance(t, str) for t in batch):
+            raise InputError("texts: expected a str or a non-empty list of str")
+        with self._lock:
+            self.backend.no_truncation()
+            self.backend.no_padding()
+            return [e.ids for e in self.backend.encode_batch(batch)]
+
     def _clean(self, text: str) -> str:
         """transformers' clean_up_tokenization (spaces before punctuation), which it skips for BPE models."""
         if not self.clean_up_tokenization_spaces or self._bpe:

@@ -18,7 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import kernl
 from kernl.errors import InputError
 
-MAX_NEW = 10
+MAX_NEW = 8
 PROMPTS = [[3, 4, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]
 
 
@@ -39,7 +39,7 @@ def lm_bundle(request, tmp_path_factory):
     torch.manual_seed(0)
     model = tiny_lm(request.param)
     path = tmp_path_factory.mktemp("gen") / request.param
-    kernl.compile(model, path, buckets=[], generation={"max_length": 40, "batch_sizes": [1, 4], "seq_lens": [8, 16]},
+    kernl.compile(model, path, buckets=[], generation={"max_length": 32, "batch_sizes": [1, 4], "seq_lens": [8]},
                   device="cpu")  # fmt: skip
     return model, path, kernl.load(path, device="cpu")
 
@@ -83,10 +83,10 @@ def test_eos_stops_a_row_and_pads_it(lm_bundle):
 
 def test_stream_yields_the_tokens_generate_returns(lm_bundle):
     _, _, bundle = lm_bundle
-    prompts = [torch.randint(3, 99, (n,)).tolist() for n in (4, 9)]
+    prompts = [torch.randint(3, 99, (n,)).tolist() for n in (4, 7)]
     full = bundle.generate(prompts, max_new_tokens=6, eos_token_id=[])
     steps = list(bundle.stream(prompts, max_new_tokens=6, eos_token_id=[]))
-    assert torch.equal(torch.stack(steps, dim=1), full[:, 9:])
+    assert torch.equal(torch.stack(steps, dim=1), full[:, 7:])
 
 
 def test_sampling_is_reproducible_with_a_seed(lm_bundle):
@@ -116,9 +116,9 @@ def test_repetition_penalty_matches_transformers(lm_bundle):
 @pytest.mark.parametrize(
     ("call", "names"),
     [
-        (dict(input_ids=[list(range(3, 20))]), "input_ids"),  # longer than the largest prompt bucket
+        (dict(input_ids=[list(range(3, 12))]), "input_ids"),  # longer than the largest prompt bucket
         (dict(input_ids=[[3, 4]] * 5), "input_ids"),  # batch beyond the largest bucket
-        (dict(input_ids=[[3, 4]], max_new_tokens=39), "max_new_tokens"),  # beyond the cache
+        (dict(input_ids=[[3, 4]], max_new_tokens=31), "max_new_tokens"),  # beyond the cache
         (dict(input_ids=[[3, 99]]), "input_ids"),  # outside the vocabulary
         (dict(input_ids=[[3, -1]]), "input_ids"),
         (dict(input_ids=[[3, 4]], top_p=0.0, do_sample=True), "top_p"),
@@ -131,12 +131,22 @@ def test_repetition_penalty_matches_transformers(lm_bundle):
         (dict(input_ids=[[3, 4]], seed=-1), "seed"),
     ],
 )
-def test_bad_calls_are_input_errors_and_the_bundle_stays_usable(lm_bundle, call, names):
+def test_bad_calls_are_input_errors(lm_bundle, call, names):
     _, _, bundle = lm_bundle
     call.setdefault("max_new_tokens", 4)
     with pytest.raises(InputError, match=names):
         bundle.generate(**call)
-    assert bundle.generate([[3, 4, 5]], max_new_tokens=3).shape == (1, 6)
+    with pytest.raises(InputError, match=names):
+        bundle.stream(**call)  # checked at the call, before the first token
+
+
+def test_the_bundle_stays_usable_after_bad_calls(lm_bundle):
+    _, _, bundle = lm_bundle
+    before = bundle.generate([[3, 4, 5]], max_new_tokens=3)
+    for bad in ([[3, 99]], [list(range(3, 12))]):
+        with pytest.raises(InputError):
+            bundle.generate(bad, max_new_tokens=3)
+    assert torch.equal(bundle.generate([[3, 4, 5]], max_new_tokens=3), before)
 
 
 def test_a_generation_bundle_is_not_called_as_a_forward(lm_bundle):
@@ -165,10 +175,10 @@ def test_a_fresh_process_generates_from_the_bundle_on_disk(lm_bundle):
 def test_the_manifest_records_the_generation_settings(lm_bundle):
     model, _, bundle = lm_bundle
     gen = bundle.manifest["generation"]
-    assert gen["max_length"] == 40 and gen["batch_sizes"] == [1, 4] and gen["seq_lens"] == [8, 16]
+    assert gen["max_length"] == 32 and gen["batch_sizes"] == [1, 4] and gen["seq_lens"] == [8]
     assert gen["vocab_size"] == model.config.vocab_size and gen["eos_token_id"] == 2
     cache = gen["cache"]
-    assert cache["bytes"] == 2 * cache["layers"] * cache["rows"] * cache["heads_kv"] * 40 * cache["head_dim"] * 4
+    assert cache["bytes"] == 2 * cache["layers"] * cache["rows"] * cache["heads_kv"] * 32 * cache["head_dim"] * 4
     assert all(c["cosine"] > 0.9999 for c in bundle.manifest["checks"])
 
 
