@@ -81,6 +81,26 @@ def _bench_bucket(loaded, runners: dict[str, Any], inputs: dict[str, Any], *, wa
     return row
 
 
+def _bench_generate(bundle, against, json_path, source, device, runs, new_tokens, trusted_keys) -> None:
+    from kernl.commands.bench_generate import HF_MODES, bench_generation, generation_table
+    from kernl.commands.describe import table
+
+    names = [n.strip() for n in against.split(",") if n.strip() and n.strip() != "compile"]
+    unknown = [n for n in names if n not in HF_MODES]
+    if unknown:
+        raise CliError(f"--against {unknown[0]!r}: with --generate, expected names from {', '.join(HF_MODES)}")
+    loaded = load_bundle(bundle, device, trusted_keys)
+    if "generation" not in loaded.manifest:
+        raise CliError("--generate: this bundle was not compiled for text generation")
+    model = _original_model(loaded.manifest, source, loaded.device) if names else None
+    if model is not None and hasattr(model.config, "use_cache"):
+        model.config.use_cache = True
+    results = bench_generation(loaded, model, names, new_tokens=new_tokens, runs=min(runs, 5))
+    click.echo(table(*generation_table(results, names)))
+    if json_path is not None:
+        json_path.write_text(json.dumps({"bundle": str(bundle), "results": results}, indent=2) + "\n")
+
+
 @click.command(name="bench", cls=Command)
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--against", default="eager,compile", show_default=True, help="eager, compile, reduce-overhead")
@@ -89,6 +109,8 @@ def _bench_bucket(loaded, runners: dict[str, Any], inputs: dict[str, Any], *, wa
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: the bundle's target")
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(1), help="timed runs per measure")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0), help="untimed runs first")
+@click.option("--generate", "generate", is_flag=True, help="generation bundles: TTFT and tokens/s per batch")
+@click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(2), help="with --generate")
 @trusted_key_option
 def bench_command(
     bundle: Path,
@@ -98,9 +120,15 @@ def bench_command(
     device: str | None,
     runs: int,
     warmup: int,
+    generate: bool,
+    new_tokens: int,
     trusted_keys: tuple[Path, ...],
 ) -> None:
-    """Latency of BUNDLE per bucket, beside the original model run eagerly and under torch.compile."""
+    """Latency of BUNDLE per bucket, beside the original model run eagerly and under torch.compile; with
+    --generate, time to first token and tokens/s per decode batch beside HF generate (--against eager,hf-static)."""
+    if generate:
+        _bench_generate(bundle, against, json_path, source, device, runs, new_tokens, trusted_keys)
+        return
     baselines = parse_against(against)
     import torch
 

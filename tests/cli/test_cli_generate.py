@@ -22,13 +22,20 @@ def lm_checkpoint(tmp_path_factory):
     return folder, model
 
 
-def test_compile_then_run_streams_the_greedy_completion(tmp_path, lm_checkpoint):
-    folder, model = lm_checkpoint
-    out = tmp_path / "gen"
+@pytest.fixture(scope="module")
+def gen_bundle(tmp_path_factory, lm_checkpoint):
+    folder, _ = lm_checkpoint
+    out = tmp_path_factory.mktemp("bundles") / "gen"
     args = [str(folder), "-o", str(out), "--task", "text-generation", "--buckets", "1x8,2x8", "--max-length", "20"]
     result = CliRunner().invoke(main, ["compile", *args, "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "decode batches 1, 2; max length 20" in result.stdout
+    return out
+
+
+def test_run_streams_the_greedy_completion(gen_bundle, lm_checkpoint):
+    folder, model = lm_checkpoint
+    out = gen_bundle
     result = CliRunner().invoke(main, ["run", str(out), "--prompt", "the cat sat", "--max-new-tokens", "6"])
     assert result.exit_code == 0, result.output
     import transformers
@@ -49,3 +56,12 @@ def test_max_length_needs_room_after_the_longest_prompt(tmp_path, lm_checkpoint)
     result = CliRunner().invoke(main, ["compile", *args])
     assert result.exit_code == 2
     assert "--max-length 16: leaves no room to generate after a 16-token prompt" in result.stderr
+
+
+def test_bench_generate_reports_tokens_per_second_beside_transformers(gen_bundle):
+    args = ["bench", str(gen_bundle), "--generate", "--against", "eager", "--new-tokens", "4", "--runs", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    lines = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in lines] == ["1", "2"]  # one row per decode batch
+    assert all(float(row[5]) > 0 and float(row[6]) > 0 for row in lines)  # kernl and eager tokens/s ("8 + 4" is 3 words)
