@@ -331,3 +331,14 @@ def test_decode_step_captures_in_a_cuda_graph():
     assert not torch.equal(a, c)
     assert a[:, 2].unique().numel() > 1  # replays draw fresh noise
     assert (step.cpu() == 1).all()
+
+
+@pytest.mark.parametrize("vocab", [1000, 2048, 128256])
+def test_row_argmax_is_argmax_with_ties_to_the_lowest_id(vocab):
+    from kernl.runtime.sampling import row_argmax
+
+    scores = torch.randn(5, vocab)
+    scores[1, 7] = scores[1, vocab - 3] = 100.0  # a tie across chunks
+    scores[2] = 0.0  # all tied
+    assert torch.equal(row_argmax(scores), scores.argmax(dim=1))
+    assert row_argmax(scores)[1] == 7 and row_argmax(scores)[2] == 0
