@@ -210,3 +210,26 @@ def test_gpu_tokens_follow_the_models_logits(tmp_path, name, dtype):
             worst = max(worst, gap.max().item())
     # A token kernl picked is HF's argmax, or within a few hundredths of a logit std of it (a near tie).
     assert worst < 0.05, f"a generated token is {worst:.3f} std below HF's best"
+
+
+@pytest.mark.gpu
+def test_gpu_stream_seed_and_eos_through_the_captured_graphs(tmp_path):
+    """The captured decode graphs: stream equals generate, a seed reproduces a sampled run (the generator's
+    state is registered with the graphs), and eos stops a row on the device."""
+    torch.manual_seed(0)
+    model = tiny_lm("llama", vocab_size=1000, hidden_size=256, num_hidden_layers=2)
+    path = kernl.compile(model, tmp_path / "b", buckets=[], dtype=torch.float16, device="cuda",
+                         generation={"max_length": 64, "batch_sizes": [1, 4], "seq_lens": [16]})  # fmt: skip
+    bundle = kernl.load(path)
+    prompts = [torch.randint(3, 1000, (n,)).tolist() for n in (16, 5, 11)]
+    out = bundle.generate(prompts, max_new_tokens=20, eos_token_id=[])
+    steps = list(bundle.stream(prompts, max_new_tokens=20, eos_token_id=[]))
+    assert torch.equal(torch.stack(steps, dim=1), out[:, 16:])
+    sampled = dict(max_new_tokens=20, do_sample=True, temperature=1.0, top_k=100, eos_token_id=[])
+    a, b = bundle.generate(prompts, seed=3, **sampled), bundle.generate(prompts, seed=3, **sampled)
+    assert torch.equal(a, b) and not torch.equal(a, bundle.generate(prompts, seed=4, **sampled))
+    eos = int(out[1, 16 + 4])
+    stopped = bundle.generate(prompts, max_new_tokens=20, eos_token_id=eos, pad_token_id=0)
+    new = stopped[1, 16:]
+    at = (new == eos).nonzero()[0].item()
+    assert at <= 4 and (new[at + 1 :] == 0).all() and torch.equal(new[: at + 1], out[1, 16 : 16 + at + 1])
