@@ -233,3 +233,30 @@ def test_gpu_stream_seed_and_eos_through_the_captured_graphs(tmp_path):
     new = stopped[1, 16:]
     at = (new == eos).nonzero()[0].item()
     assert at <= 4 and (new[at + 1 :] == 0).all() and torch.equal(new[: at + 1], out[1, 16 : 16 + at + 1])
+
+
+LOAD_GENERATE_COUNT = """
+import json, sys, kernl
+from kernl.kernels import autotune_cache
+from kernl.kernels.triton_cache import kernel_stats
+bundle = kernl.load(sys.argv[1])
+for batch in (1, 3, 4):  # every decode batch bucket, padded and exact; greedy and sampled
+    bundle.generate([[5] * 9] * batch, max_new_tokens=4)
+    bundle.generate([[5] * 16] * batch, max_new_tokens=4, do_sample=True, repetition_penalty=1.2, seed=0)
+print(json.dumps({"kernels": kernel_stats(), "tuning": autotune_cache.process_stats()}))
+"""
+
+
+@pytest.mark.gpu
+def test_gpu_a_fresh_load_generates_without_compiling(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_lm("gpt2", vocab_size=1000, n_embd=128)
+    path = kernl.compile(model, tmp_path / "b", buckets=[], dtype=torch.float16, device="cuda",
+                         generation={"max_length": 64, "batch_sizes": [1, 4], "seq_lens": [16]})  # fmt: skip
+    env = dict(os.environ, KERNL_CACHE=str(tmp_path / "cache"), TRITON_CACHE_DIR=str(tmp_path / "triton"))
+    out = subprocess.run([sys.executable, "-c", LOAD_GENERATE_COUNT, str(path)], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    assert stats["kernels"]["compiled"] == 0, "Triton compiled a kernel at load or while generating"
+    assert stats["tuning"]["benchmarks_run"] == 0 and stats["tuning"]["defaults_used"] == 0
