@@ -1,15 +1,20 @@
 """The one-file form of a bundle: an uncompressed tar of its listed files, manifest.json first.
 
 Unpacking trusts nothing in the archive. It refuses compressed archives, reads the manifest member first, and
-writes only the regular files that manifest lists, at their listed sizes (and hashes, with verify), into a
-temporary folder that is renamed into kernl's cache once complete, so several processes may unpack one archive
-at once. A cached extraction passes open_bundle's checks, and with verify every hash, before it is reused;
+accepts only the layout pack() writes: each listed regular file once, in sorted order, at its listed size (and
+hash, with verify), nothing else, and no more bytes than the archive holds. The files go into a temporary
+folder that is renamed into kernl's cache once complete. Processes that open one archive together check an
+existing extraction under a shared lock and extract one at a time under an exclusive one, so they all share one
+extraction. A cached extraction passes open_bundle's checks, and with verify every hash, before it is reused;
 a damaged one is extracted again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
+import glob
 import hashlib
 import io
 import os
@@ -18,16 +23,17 @@ import shutil
 import tarfile
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from kernl.artifacts import publish
 from kernl.artifacts.manifest import MANIFEST
 from kernl.artifacts.reader import MAX_MANIFEST_BYTES, VerifiedBundle, open_folder, parse_manifest
 from kernl.errors import BundleError
 
 SUFFIX = ".kernl"
 CHUNK = 1 << 22
-ATTEMPTS = 3
 # Leading bytes of the compressed formats people may hand us instead of a kernl archive.
 _COMPRESSED = {
     b"\x1f\x8b": "gzip",
@@ -51,23 +57,60 @@ def pack(bundle_dir: str | os.PathLike, archive: str | os.PathLike | None = None
     """Write the bundle folder as one archive file (atomically, readable by all) next to it, or at archive.
 
     Only what the manifest lists goes in, manifest.json first; a folder with unlisted files or links is refused.
+    The archive is written under a hidden name, flock'ed while it is written (a compile that finds it unlocked
+    removes it: see kernl.artifacts.writer), then renamed into place.
     """
     bundle_dir = Path(bundle_dir)
     archive = Path(archive) if archive is not None else bundle_dir.with_name(bundle_dir.name + SUFFIX)
-    with open_folder(bundle_dir, verify=False) as bundle:
-        fd, tmp = tempfile.mkstemp(prefix=f".{archive.name}.", dir=archive.parent)
-        try:
-            with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    stem = archive.name.removesuffix(SUFFIX)
+    tmp = archive.with_name(f".{stem}{publish.TMP_TAG}{uuid.uuid4().hex[:8]}{publish.STAGED_SUFFIX}")
+    with publish.name_lock(archive.parent):  # created and locked at once: never seen unlocked
+        held = write_archive(bundle_dir, tmp, keep_open=True)
+    try:
+        os.replace(tmp, archive)
+    finally:
+        os.close(held)
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    return archive
+
+
+def write_archive(bundle_dir: Path, dest: Path, *, keep_open: bool = False) -> int | None:
+    """Write the archive of the bundle folder to the new file dest (mode 0644, flock'ed while written). With
+    keep_open, returns the descriptor that holds its lock (the caller closes it); else None."""
+    fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.fchmod(fd, 0o644)  # whatever the umask: a service running as another user reads it
+        with open_folder(bundle_dir, verify=False) as bundle:
+            out = os.fdopen(os.dup(fd), "wb")
+            with out, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 _add(tar, MANIFEST, io.BytesIO(bundle.manifest_bytes), len(bundle.manifest_bytes))
                 for rel in bundle.names():
                     with bundle.open(rel) as f:
                         _add(tar, rel, f, bundle.entry(rel)["size"])
-            os.chmod(tmp, 0o644)  # mkstemp creates it 0600
-            os.replace(tmp, archive)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return archive
+                tar.close()
+                out.flush()
+                os.fsync(out.fileno())
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(dest)
+        raise
+    if keep_open:
+        return fd
+    os.close(fd)
+    return None
+
+
+def manifest_of_archive(path: Path) -> bytes | None:
+    """The manifest bytes of the kernl archive at path; None when it is not one (or cannot be read)."""
+    try:
+        with _Archive(path) as source:
+            return source.manifest_bytes
+    except (BundleError, OSError):
+        return None
 
 
 def _add(tar: tarfile.TarFile, name: str, f: BinaryIO, size: int) -> None:
@@ -84,35 +127,69 @@ def unpack(archive: str | os.PathLike, cache_root: Path | None = None, *, verify
 
 def open_archive(archive: str | os.PathLike, *, verify: bool = True, cache: Path | None = None) -> VerifiedBundle:
     """open_bundle for a .kernl archive: its extraction in the cache folder (default cache_root()) named by the
-    sha256 of its manifest, which pins every file's sha256. Extracted once; reused after checks."""
+    sha256 of its manifest, which pins every file's sha256. Extracted once; reused after checks.
+
+    Many processes may open one archive at once (the workers of a server starting together): they check an
+    existing extraction side by side, under a shared lock on the cache folder; one at a time, under an exclusive
+    lock, replaces a missing or damaged one, and removes what killed extractions left there.
+    """
     archive = Path(archive)
     root = Path(cache) if cache is not None else cache_root()
     try:
-        for _ in range(ATTEMPTS):
-            with _Archive(archive) as source:
-                target = root / f"{_stem(archive)}-{hashlib.sha256(source.manifest_bytes).hexdigest()[:32]}"
+        with _Archive(archive) as source:
+            target = root / f"{_stem(archive)}-{hashlib.sha256(source.manifest_bytes).hexdigest()[:32]}"
+            root.mkdir(parents=True, exist_ok=True)
+            with _locked(root, exclusive=False):
                 bundle = _reuse(target, source.manifest_bytes, verify=verify, check_hashes=True)
-                if bundle is not None:
-                    break
-                _discard(target)
-                tmp = source.extract(root, target.name, verify=verify)
-            try:
-                os.rename(tmp, target)
-            except OSError as err:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-                continue  # another process finished first: theirs is checked next
-            # Just written from the archive and hashed as it was: read() and load_weights hash again as they read.
-            bundle = _reuse(target, source.manifest_bytes, verify=verify, check_hashes=False)
-            if bundle is not None:
-                break
-        else:
-            raise BundleError(f"{archive}: its extraction in {root} keeps failing its checks")
+            if bundle is None:
+                with _locked(root, exclusive=True):
+                    # Another process may have extracted it while this one waited for the lock.
+                    bundle = _reuse(target, source.manifest_bytes, verify=verify, check_hashes=True)
+                    if bundle is None:
+                        bundle = _extract(source, root, target, verify=verify)
     except OSError as err:
         raise BundleError(f"{archive}: cannot be unpacked into {root} ({err.strerror or err})") from None
     bundle.archive = archive
     return bundle
+
+
+def _extract(source: _Archive, root: Path, target: Path, *, verify: bool) -> VerifiedBundle:
+    """Replace target with a fresh extraction (under the cache's exclusive lock); returns it, opened."""
+    _remove_leftovers(root, target.name)
+    _discard(target)
+    tmp = source.extract(root, target.name, verify=verify)
+    os.rename(tmp, target)
+    # Just written from the archive and hashed as it was: read() and load_weights hash again as they read.
+    bundle = _reuse(target, source.manifest_bytes, verify=verify, check_hashes=False)
+    if bundle is None:
+        raise BundleError(f"{source.path}: its extraction in {root} fails its checks")
+    return bundle
+
+
+@contextlib.contextmanager
+def _locked(folder: Path, *, exclusive: bool) -> Iterator[None]:
+    """flock on the cache folder: released by the kernel when a process dies, so a killed one never blocks the
+    rest. Where the file system has no locks, extraction still renames a complete folder into place."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove_leftovers(root: Path, name: str) -> None:
+    """Partial and stale copies of the extraction called name: under the exclusive lock, none is in use."""
+    for entry in root.glob(f".{glob.escape(name)}.*"):
+        if entry.name.endswith(".partial") or ".stale-" in entry.name:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def _stem(archive: Path) -> str:
@@ -197,32 +274,28 @@ class _Archive:
         files = parse_manifest(self.manifest_bytes, where, verify=verify)["files"]
         if sum(entry["size"] for entry in files.values()) > self.size:
             raise BundleError(f"{where}: lists more bytes than the archive holds")
-        max_members = 2 * len(files) + 1  # the files, their folders, the manifest
+        # The one layout pack() writes: after the manifest, each listed file once, in sorted order, and nothing
+        # else; so an archive has exactly one member more than its manifest lists files.
+        order = sorted(files)
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=root))
         try:
-            written: set[str] = set()
-            count = 1
+            written = 0
             while (member := self._tar.next()) is not None:
-                count += 1
-                if count > max_members:
-                    raise BundleError(f"{self.path}: more members than its manifest lists files and folders")
-                if member.isdir():
-                    continue  # folders are made for the files they hold
                 entry = files.get(member.name)
                 if not _regular(member):
                     raise BundleError(f"{self.path}: member {member.name!r} is not a regular file")
                 if entry is None:
                     raise BundleError(f"{self.path}: member {member.name!r} is not listed in its manifest")
-                if member.name in written:
-                    raise BundleError(f"{self.path}: member {member.name!r} appears twice")
+                if written == len(order) or order[written] != member.name:
+                    why = "appears twice" if member.name in order[:written] else "is out of place (sorted order)"
+                    raise BundleError(f"{self.path}: member {member.name!r} {why}")
                 if member.size != entry["size"]:
                     raise BundleError(f"{self.path}: member {member.name!r} is not its listed size")
                 self._write(member, tmp, entry["sha256"] if verify else None)
-                written.add(member.name)
-            missing = sorted(set(files) - written)
-            if missing:
-                raise BundleError(f"{self.path}: {missing[0]} is listed in its manifest but not in the archive")
+                written += 1
+            if written < len(order):
+                raise BundleError(f"{self.path}: {order[written]} is listed in its manifest but not in the archive")
             (tmp / MANIFEST).write_bytes(self.manifest_bytes)
             for folder, _, names in os.walk(tmp):
                 os.chmod(folder, 0o755)  # mkdtemp makes it 0700

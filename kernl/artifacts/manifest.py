@@ -5,21 +5,29 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import re
 from typing import Any
 
 import torch
 
+from kernl.artifacts.schema import MAX_FILES, Invalid, check_manifest
+from kernl.artifacts.schema import check_path as _check_path
 from kernl.errors import BundleError
 
 FORMAT_VERSION = 2  # 2: the program is data (program.json); 1 ran program.py, which no kernl loads now
 MANIFEST = "manifest.json"
-REQUIRED_KEYS = ("format_version", "versions", "target", "dtype", "inputs", "outputs", "buckets", "program", "files")
 # Keys outside the digest: the digest itself, and the signature that signs it.
 UNDIGESTED_KEYS = ("digest", "signature")
-MAX_FILES = 100_000
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "MAX_FILES",
+    "UNDIGESTED_KEYS",
+    "check_path",
+    "describe_target",
+    "library_versions",
+    "manifest_digest",
+    "validate",
+]
 
 
 def library_versions() -> dict[str, str | None]:
@@ -55,7 +63,8 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 
 
 def validate(manifest: Any) -> dict[str, Any]:
-    """Check the manifest's shape and format version; raise BundleError naming what is wrong."""
+    """Check the manifest against its schema (kernl.artifacts.schema) and the relations between its entries;
+    raise BundleError naming what is wrong."""
     if not isinstance(manifest, dict):
         raise BundleError(f"{MANIFEST}: expected a JSON object")
     version = manifest.get("format_version")
@@ -63,35 +72,40 @@ def validate(manifest: Any) -> dict[str, Any]:
         raise BundleError(
             f"{MANIFEST}: format version {version!r} is not supported (this kernl reads {FORMAT_VERSION})"
         )
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise BundleError(f"{MANIFEST}: missing keys {', '.join(missing)}")
-    files = manifest["files"]
-    if not isinstance(files, dict) or not files:
-        raise BundleError(f"{MANIFEST}: 'files' must list the bundle's files")
-    if len(files) > MAX_FILES:
-        raise BundleError(f"{MANIFEST}: lists {len(files)} files, more than a bundle holds ({MAX_FILES})")
-    for rel, entry in files.items():
-        check_path(rel)
-        size = entry.get("size") if isinstance(entry, dict) else None
-        sha = entry.get("sha256") if isinstance(entry, dict) else None
-        if type(size) is not int or size < 0 or not isinstance(sha, str) or not _SHA256.fullmatch(sha):
-            raise BundleError(f"{MANIFEST}: the entry of {rel!r} needs a size in bytes and a sha256 in hex")
+    check_manifest(manifest)
+    _check_relations(manifest)
     return manifest
 
 
+def _check_relations(manifest: dict[str, Any]) -> None:
+    """What the schema cannot say: names are unique, the program's inputs have specs, named files are listed."""
+    files, program = manifest["files"], manifest["program"]
+    for key in ("inputs", "outputs"):
+        names = [spec["name"] for spec in manifest[key]]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise BundleError(f"{MANIFEST}: {key}: {twice[0]!r} appears twice")
+    specs = {spec["name"] for spec in manifest["inputs"]}
+    missing = [name for name in program["inputs"] if name not in specs]
+    if missing:
+        raise BundleError(f"{MANIFEST}: program input {missing[0]!r} has no entry in inputs")
+    named = [("program.file", program["file"]), ("program.view", program.get("view"))]
+    weights = manifest.get("weights")
+    if isinstance(weights, dict):
+        named.append(("weights.file", weights["file"]))
+    autotune = (manifest.get("kernels") or {}).get("autotune")
+    named.append(("kernels.autotune", autotune))
+    for key, rel in named:
+        if rel is not None and rel not in files:
+            raise BundleError(f"{MANIFEST}: {key} names {rel!r}, which is not listed in its files")
+    buckets = [tuple(b) for b in manifest["buckets"]]
+    if len(set(buckets)) != len(buckets):
+        raise BundleError(f"{MANIFEST}: buckets: a bucket appears twice")
+
+
 def check_path(rel: Any) -> str:
-    """A listed path must name a file inside the bundle: relative, '/'-separated, no '.', '..' or empty parts,
-    no backslash (a separator elsewhere) and no control characters; manifest.json itself is never listed."""
-    ok = (
-        isinstance(rel, str)
-        and 0 < len(rel) <= 1024
-        and not rel.startswith("/")
-        and "\\" not in rel
-        and not _CONTROL.search(rel)
-        and all(part not in ("", ".", "..") for part in rel.split("/"))
-        and rel != MANIFEST
-    )
-    if not ok:
-        raise BundleError(f"{MANIFEST}: listed path {rel!r} does not name a file inside the bundle")
-    return rel
+    """A listed path must name a file inside the bundle (see kernl.artifacts.schema.check_path)."""
+    try:
+        return _check_path(rel)
+    except Invalid as err:
+        raise BundleError(f"{MANIFEST}: {err.problem}") from None

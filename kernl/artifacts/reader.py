@@ -270,14 +270,19 @@ def open_folder(root: Path, *, verify: bool = True, follow: bool = True) -> Veri
 def parse_manifest(raw: bytes, where: Path | str, *, verify: bool) -> dict[str, Any]:
     """The validated manifest from its bytes; with verify, its digest must match its content."""
     try:
-        manifest = validate(json.loads(raw))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        # UTF-8 only (json.loads would guess UTF-16 or 32 from bytes), and no NaN or Infinity: not JSON.
+        manifest = validate(json.loads(raw.decode("utf-8"), parse_constant=_not_json))
+    except (ValueError, RecursionError) as err:  # ValueError: bad JSON, bad UTF-8, an integer of 4300 digits
         raise BundleError(f"{where}: not valid JSON ({err})") from None
     except BundleError as err:
         raise BundleError(f"{where}: {str(err).removeprefix(MANIFEST + ': ')}") from None
     if verify and manifest.get("digest") != manifest_digest(manifest):
         raise BundleError(f"{where}: edited after the bundle was written (its digest does not match)")
     return manifest
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _read_manifest_bytes(root: Path, root_fd: int) -> bytes:

@@ -16,12 +16,16 @@ ARCHIVE_SUFFIX = ".kernl"
 
 
 def _check_output(output: Path, *, force: bool, archive: bool) -> None:
+    """Before anything is compiled. BUNDLE and BUNDLE.kernl are one name: an archive already there is replaced
+    (with --archive) or removed (without) by --force, so that the two never hold different bundles."""
     if output.exists() and not output.is_dir():
         raise CliError(f"{output} exists and is not a bundle directory")
     if output.exists() and not force:
         raise CliError(f"{output} already exists (use --force to replace it)")
     packed = output.with_name(output.name + ARCHIVE_SUFFIX)
-    if archive and packed.exists() and not force:
+    if packed.exists() and not packed.is_file():
+        raise CliError(f"{packed} exists and is not an archive file")
+    if packed.exists() and not force:
         raise CliError(f"{packed} already exists (use --force to replace it)")
 
 
@@ -69,6 +73,22 @@ def _metadata(task: str, source: str, config: Any, limit: int | None) -> dict[st
     return meta
 
 
+def _generation(task: str, max_length: int | None, buckets: list[tuple[int, int]], limit: int | None) -> dict | None:
+    """kernl.compile's generation settings for --task text-generation: prompt buckets and the cache length."""
+    if task != "text-generation":
+        if max_length is not None:
+            raise CliError(f"--max-length: only for --task text-generation (this is {task})")
+        return None
+    max_length = max_length or min(limit or 2048, 2048)
+    if limit is not None and max_length > limit:
+        raise CliError(f"--max-length {max_length}: beyond the model's {limit} positions")
+    longest = max(s for _, s in buckets)
+    if longest >= max_length:
+        raise CliError(f"--max-length {max_length}: leaves no room to generate after a {longest}-token prompt")
+    batch_sizes, seq_lens = sorted({b for b, _ in buckets}), sorted({s for _, s in buckets})
+    return {"max_length": max_length, "batch_sizes": batch_sizes, "seq_lens": seq_lens}
+
+
 def _load_sign_key(path: Path | None):
     """The Ed25519 private key of --sign, loaded before anything is compiled; CliError when it cannot be."""
     if path is None:
@@ -100,6 +120,9 @@ def _load_tokenizer(source: str):
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="default: the model's own")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: cuda when present")
 @click.option("--task", type=click.Choice(TASKS), default="auto", show_default=True, help="auto: from the config")
+@click.option(
+    "--max-length", type=click.IntRange(2), default=None, help="text-generation: KV cache positions (prompt + new)"
+)
 @click.option("--archive", is_flag=True, help="also write the one-file form, BUNDLE.kernl")
 @click.option("--force", is_flag=True, help="replace an existing output")
 @click.option(
@@ -120,6 +143,7 @@ def compile_command(
     dtype: str | None,
     device: str | None,
     task: str,
+    max_length: int | None,
     archive: bool,
     force: bool,
     sign_key: Path | None,
@@ -131,7 +155,10 @@ def compile_command(
     device = _resolve_device(device)
     source, config = _load_config(model)
     task = infer_task(getattr(config, "architectures", None)) if task == "auto" else task
+    if task == "causal-lm" and max_length is not None:
+        task = "text-generation"  # a cache length asks for generation
     limit = _check_lengths(bucket_list, config)
+    generation = _generation(task, max_length, bucket_list, limit)
     private_key = _load_sign_key(sign_key)
 
     import torch
@@ -147,7 +174,8 @@ def compile_command(
         hf_model = load_model(source, task, **({"dtype": torch_dtype} if torch_dtype else {})).to(device)
     except (OSError, ValueError, KeyError) as err:
         raise CliError(f"{model}: cannot load it as {task} ({first_line(err)})") from None
-    progress = StageProgress(len(bucket_list), ctx.command_path)
+    steps = len(bucket_list) + (len(generation["batch_sizes"]) if generation else 0)  # + one decode check each
+    progress = StageProgress(steps, ctx.command_path)
     try:
         path = kernl.compile(
             hf_model,
@@ -161,6 +189,7 @@ def compile_command(
             progress=progress,
             metadata=_metadata(task, source, config, limit),
             sign_key=private_key,
+            **({"generation": generation} if generation else {}),
         )
     except KernlError as err:
         raise CliError(str(err), exit_code=1) from None

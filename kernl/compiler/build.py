@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from kernl.artifacts.archive import pack
 from kernl.artifacts.manifest import FORMAT_VERSION, describe_target, library_versions
 from kernl.artifacts.weights import save_weights
 from kernl.artifacts.writer import BundleWriter
@@ -59,7 +58,7 @@ def compile_model(
     sign = _signer(sign_key)
     low = lower_model(model, buckets, dtype=dtype, device=device, example_inputs=example_inputs, stage=timed)
     model, device, buckets = low.model, low.device, low.buckets
-    with BundleWriter(output_dir, overwrite=overwrite) as writer, compile_session() as kernels_used:
+    with BundleWriter(output_dir, overwrite=overwrite, archive=archive) as writer, compile_session() as kernels_used:
         writer.write_text(PROGRAM_FILE, json.dumps(low.spec.data(), allow_nan=False, separators=(",", ":")))
         writer.write_text(PROGRAM_VIEW, low.source)
         timed("warm-up")
@@ -97,8 +96,6 @@ def compile_model(
         manifest["build_seconds"] = {a: round(tb - ta, 3) for (a, ta), (_, tb) in zip(stamps, stamps[1:])}
         manifest.update(metadata)
         path = writer.commit(manifest, sign=sign)
-    if archive:
-        pack(path)
     return path
 
 

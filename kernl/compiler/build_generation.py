@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from kernl.artifacts.archive import pack
 from kernl.artifacts.manifest import FORMAT_VERSION, describe_target, library_versions
 from kernl.artifacts.weights import save_weights
 from kernl.artifacts.writer import BundleWriter
@@ -58,7 +57,7 @@ def compile_generation(
     sign = _signer(sign_key)
     low = lower_generation(model, settings, dtype=dtype, device=device, stage=timed)
     vocab = low.spec.outputs[0]["dims"][1]
-    with BundleWriter(output_dir, overwrite=overwrite) as writer, compile_session() as kernels_used:
+    with BundleWriter(output_dir, overwrite=overwrite, archive=archive) as writer, compile_session() as kernels_used:
         writer.write_text(PROGRAM_FILE, json.dumps(low.spec.data(), allow_nan=False, separators=(",", ":")))
         writer.write_text(PROGRAM_VIEW, low.source)
         timed("warm-up")
@@ -103,6 +102,4 @@ def compile_generation(
         manifest["build_seconds"] = {a: round(tb - ta, 3) for (a, ta), (_, tb) in zip(stamps, stamps[1:])}
         manifest.update(metadata)
         path = writer.commit(manifest, sign=sign)
-    if archive:
-        pack(path)
     return path

@@ -13,8 +13,34 @@ def _buckets_text(buckets: list[tuple[int, int]]) -> str:
     return ", ".join(f"{b}x{s}" for b, s in buckets)
 
 
+# What a call may pass for an input of each kind; anything else is an InputError on every device. Values are
+# copied into buffers of the input's own dtype, so a narrower integer or float is accepted as it is.
+_SIGNED = (torch.int8, torch.int16, torch.int32, torch.int64)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Indices (token, type and position ids) are signed integers: torch reads bool and uint8 index tensors as masks.
+_INDEX_DTYPES = _SIGNED
+_INTEGER_DTYPES = (torch.bool, torch.uint8, *_SIGNED)  # masks may be bool
+# The device kinds kernl runs on; an input on either is copied to the bundle's device.
+_DEVICES = ("cpu", "cuda")
+
+
+def accepted_dtypes(spec: dict) -> tuple[torch.dtype, ...]:
+    """The dtypes a call may pass for the input of this spec (its own among them). An input that indexes a table
+    (a "limit", or named like input_ids) takes signed integers only."""
+    if "limit" in spec or spec["name"].endswith("_ids"):
+        return _INDEX_DTYPES
+    want = getattr(torch, spec["dtype"])
+    if want.is_floating_point:
+        return _FLOATS
+    return _INTEGER_DTYPES
+
+
 def check_inputs(given: dict[str, Any], specs: list[dict], buckets: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """Validate names, ranks, dtypes and a shared [batch, seq] shape; fill omitted optional inputs."""
+    """Validate names, ranks, dtypes, devices, a shared [batch, seq] shape, and the values of inputs that index a
+    table (a spec's "limit": token ids against the vocabulary); fill omitted optional inputs.
+
+    The same call is accepted or refused whatever the bundle's device: the checks read the call only.
+    """
     known = {s["name"]: s for s in specs}
     unknown = [n for n in given if n not in known]
     if unknown:
@@ -24,13 +50,7 @@ def check_inputs(given: dict[str, Any], specs: list[dict], buckets: list[tuple[i
     for name, value in given.items():
         if value is None:
             continue
-        if not isinstance(value, torch.Tensor):
-            raise InputError(f"{name}: expected a tensor, got {type(value).__name__}")
-        if value.dim() != known[name]["rank"]:
-            raise InputError(f"{name}: expected a [batch, seq] tensor, got shape {tuple(value.shape)}")
-        want = getattr(torch, known[name]["dtype"])
-        if value.dtype.is_floating_point != want.is_floating_point or value.dtype.is_complex:
-            raise InputError(f"{name}: dtype {value.dtype} given, the bundle takes {want}")
+        _check_tensor(name, value, known[name])
         if shape is not None and tuple(value.shape) != shape:
             raise InputError(f"{name}: shape {tuple(value.shape)} differs from the other inputs' {shape}")
         shape = tuple(value.shape)
@@ -46,7 +66,57 @@ def check_inputs(given: dict[str, Any], specs: list[dict], buckets: list[tuple[i
     batch, seq = shape
     if batch < 1 or seq < 1:
         raise InputError(f"{specs[0]['name']}: empty shape {shape}")
+    check_values(tensors, specs)
     return tensors
+
+
+def _check_tensor(name: str, value: Any, spec: dict) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise InputError(f"{name}: expected a tensor, got {type(value).__name__}")
+    if value.device.type == "meta":
+        raise InputError(f"{name}: a meta tensor holds no values; pass a tensor on the CPU or on CUDA")
+    if value.device.type not in _DEVICES:
+        raise InputError(f"{name}: on device {value.device}; kernl takes tensors on the CPU or on CUDA")
+    if value.layout != torch.strided or value.is_nested or value.is_quantized:
+        raise InputError(f"{name}: a {value.layout} tensor; kernl takes dense (strided) tensors")
+    if value.dim() != spec["rank"]:
+        raise InputError(f"{name}: expected a [batch, seq] tensor, got shape {tuple(value.shape)}")
+    accepted = accepted_dtypes(spec)
+    if value.dtype not in accepted:
+        names = ", ".join(str(d).removeprefix("torch.") for d in accepted)
+        raise InputError(f"{name}: dtype {value.dtype} given; this bundle takes {spec['dtype']} ({names} accepted)")
+
+
+def check_values(tensors: dict[str, torch.Tensor], specs: list[dict]) -> None:
+    """Every value of an input with a "limit" lies in [0, limit): an index outside its table would read out of
+    bounds (on CUDA, a device-side assert that breaks the whole process's CUDA context).
+
+    Host tensors are checked on the host (a few microseconds; nothing waits on the GPU). Inputs already on a GPU
+    are reduced there and read back at once, one wait for all of them: the values must exist before they can be
+    checked, so such a call waits for whatever computed them.
+    """
+    device_checks = []
+    for spec in specs:
+        limit = spec.get("limit")
+        value = tensors.get(spec["name"])
+        if limit is None or value is None or value.numel() == 0:
+            continue
+        if value.device.type == "cpu":
+            low, high = (int(v) for v in torch.aminmax(value))
+            _check_range(spec["name"], low, high, limit)
+        else:
+            device_checks.append((spec["name"], limit, torch.stack(torch.aminmax(value))))
+    for device in {b.device for _, _, b in device_checks}:
+        here = [(name, limit, b) for name, limit, b in device_checks if b.device == device]
+        bounds = torch.stack([b.to(torch.int64) for _, _, b in here]).tolist()  # the one wait (per GPU)
+        for (name, limit, _), (low, high) in zip(here, bounds):
+            _check_range(name, low, high, limit)
+
+
+def _check_range(name: str, low: int, high: int, limit: int) -> None:
+    if low < 0 or high >= limit:
+        bad = low if low < 0 else high
+        raise InputError(f"{name}: holds {bad}; its values index a table of {limit} rows and must lie in [0, {limit})")
 
 
 def pick_bucket(batch: int, seq: int, buckets: list[tuple[int, int]], name: str) -> tuple[int, int]:

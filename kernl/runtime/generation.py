@@ -96,6 +96,10 @@ class Generator:
         self.settings = s = settings
         self.device = device
         self.scope = scope or contextlib.nullcontext
+        # Ids must index the embedding table as well as the logits (load records the table's rows as "limit").
+        entry_inputs = [i for e in ("prefill", "decode") for i in spec.entry_inputs(e)]
+        limits = [i.get("limit") for i in entry_inputs if i["name"] == "input_ids"]
+        self.id_limit = min([s.vocab_size, *(n for n in limits if isinstance(n, int))])
         self.prefill = spec.bind("prefill")
         self.decode = spec.bind("decode")
         self.state = spec.allocate_state(device)
@@ -147,9 +151,9 @@ class Generator:
             raise InputError(f"input_ids: a prompt of {longest} tokens is longer than the largest prompt bucket "
                              f"{s.seq_lens[-1]}")  # fmt: skip
         for row in prompts:
-            bad = next((t for t in row if not 0 <= t < s.vocab_size), None)
+            bad = next((t for t in row if not 0 <= t < self.id_limit), None)
             if bad is not None:
-                raise InputError(f"input_ids: token id {bad} is outside the vocabulary (size {s.vocab_size})")
+                raise InputError(f"input_ids: token id {bad} is outside the vocabulary (size {self.id_limit})")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if longest + max_new_tokens > s.max_length:

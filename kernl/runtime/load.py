@@ -6,11 +6,13 @@ code that Triton launches through host code built on this machine, and every byt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -19,6 +21,7 @@ from kernl.artifacts.weights import load_weights
 from kernl.errors import BundleError
 from kernl.runtime.bundle import CAPTURE_MODES, Bundle
 from kernl.runtime.compat import resolve_device
+from kernl.runtime.limits import table_limits, with_limits
 from kernl.runtime.program import FORWARD, ProgramSpec
 
 
@@ -66,10 +69,12 @@ def load(
         scope = _kernels(files, device, recompile=recompile)
         phase("kernels_s")
         tensors, weights_verified = loading.result()
-    try:
-        weights = [tensors[name] for name in spec.weights]
-    except KeyError as err:
-        raise BundleError(f"{manifest['weights']['file']}: no tensor {err} that the program needs") from None
+    try:  # nothing has run yet: the weights must fit the program first
+        weights = program_weights(spec, tensors, manifest)
+        spec = with_input_limits(spec, tensors)
+    except BundleError:
+        weights_verified()  # a corrupt file says so, rather than what its corruption looks like
+        raise
     phase("weights_wait_s")
     # The weights' hash may finish in its thread while the graphs are captured; a mismatch raises before load
     # returns.
@@ -93,6 +98,53 @@ def load(
     return bundle
 
 
+def program_weights(spec: ProgramSpec, tensors: dict[str, torch.Tensor], manifest: dict) -> list[torch.Tensor]:
+    """The program's weights in its order, once the weights file is checked against the program: it holds every
+    weight the program names and nothing else, each of the shape and dtype the manifest's program declares
+    (program.weight_specs, when present). with_input_limits checks the tables the inputs index."""
+    rel = manifest["weights"]["file"]
+    missing = [name for name in spec.weights if name not in tensors]
+    if missing:
+        raise BundleError(f"{rel}: no tensor {missing[0]!r}, which the program needs")
+    unused = sorted(set(tensors) - set(spec.weights))
+    if unused:
+        raise BundleError(f"{rel}: holds {unused[0]!r}, which the program does not name (another model's weights?)")
+    declared = manifest["program"].get("weight_specs")
+    if declared is not None:
+        if len(declared) != len(spec.weights):
+            raise BundleError(f"manifest.json: program.weight_specs lists {len(declared)} weights, the program "
+                              f"{len(spec.weights)}")  # fmt: skip
+        for name, want in zip(spec.weights, declared):
+            t = tensors[name]
+            got = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+            if got != {"shape": want["shape"], "dtype": want["dtype"]}:
+                raise BundleError(f"{rel}: {name!r} is {got['dtype']} {got['shape']}; the program was compiled for "
+                                  f"{want['dtype']} {want['shape']}")  # fmt: skip
+    return [tensors[name] for name in spec.weights]
+
+
+def with_input_limits(spec: ProgramSpec, tensors: dict[str, torch.Tensor]) -> ProgramSpec:
+    """The spec with each input that indexes a table (token ids) carrying its "limit": the manifest's, else the
+    rows of the table the program reads with it (see kernl.runtime.limits). Calls are checked against it."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+
+    def limited(specs: list, head: Any) -> list:
+        if not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in specs):
+            return specs  # the entry's own checks refuse it
+        found = table_limits(spec.functions, head, spec.weights, [s["name"] for s in specs], shapes)
+        return with_limits(specs, found, "manifest.json")
+
+    inputs, entries = spec.inputs, dict(spec.entries)
+    for entry, info in spec.entries.items():
+        if not isinstance(info, dict):
+            continue
+        if entry == FORWARD:
+            inputs = limited(spec.inputs, info.get("head"))
+        elif isinstance(info.get("inputs"), list):
+            entries[entry] = {**info, "inputs": limited(info["inputs"], info.get("head"))}
+    return dataclasses.replace(spec, inputs=inputs, entries=entries)
+
+
 def _json(files: VerifiedBundle, rel: str):
     try:
         return json.loads(files.read(rel))
@@ -110,10 +162,14 @@ def _check_signature(manifest: dict, trusted_keys: Iterable | None) -> str | Non
 
 def _kernels(files: VerifiedBundle, device: torch.device, *, recompile: bool):
     """The bundle's kernels installed for this machine; returns the scope its program runs in (its autotune
-    decisions, frozen), or None on CPU."""
+    decisions, frozen), or None on CPU. A kernel cache that cannot be written is a BundleError, as every OSError
+    of loading is."""
     from kernl.runtime.bundle_kernels import bundle_scope
 
-    return bundle_scope(files, device, recompile=recompile)
+    try:
+        return bundle_scope(files, device, recompile=recompile)
+    except OSError as err:
+        raise BundleError(f"{files.root}: its kernels cannot be installed in kernl's cache ({err})") from None
 
 
 def _tokenizer(files: VerifiedBundle):

@@ -30,26 +30,36 @@ def random_weights() -> dict[str, torch.Tensor]:
     }
 
 
-def write_bundle(path: Path, weights: dict[str, torch.Tensor] | None = None, sign=None) -> Path:
-    """A bundle with a program file, a kernels/ folder, a tokenizer file and weights; returns its folder."""
+def write_bundle(
+    path: Path, weights: dict[str, torch.Tensor] | None = None, sign=None, *, overwrite=False, archive=None
+) -> Path:
+    """A bundle with a program file, a kernels/ folder, a tokenizer file and weights; returns its folder.
+    overwrite, archive: as BundleWriter's."""
     weights = random_weights() if weights is None else weights
-    with BundleWriter(path) as writer:
+    with BundleWriter(path, overwrite=overwrite, archive=archive) as writer:
         writer.write_text(PROGRAM, json.dumps({"nodes": [], "seed": torch.randint(0, 10**9, ()).item()}))
         writer.write_text("kernels/autotune.json", json.dumps({"linear": [torch.randint(0, 99, ()).item()]}))
         writer.write_text("tokenizer/tokenizer.json", "{}")
         aliases = save_weights(weights, writer.root / "weights.safetensors")
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "versions": {},
-            "target": {"device": "cpu"},
-            "dtype": "float32",
-            "inputs": [],
-            "outputs": [],
-            "buckets": [[1, 8]],
-            "program": {"file": PROGRAM},
-            "weights": {"file": "weights.safetensors", "aliases": aliases},
-        }
+        manifest = minimal_manifest(sorted(weights))
+        manifest["weights"]["aliases"] = aliases
         return writer.commit(manifest, sign=sign)
+
+
+def minimal_manifest(weights: list[str] = ()) -> dict:
+    """The entries every manifest needs (all but files and digest, which the writer adds): the bundle must hold
+    program.json and weights.safetensors."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "versions": {},
+        "target": {"device": "cpu"},
+        "dtype": "float32",
+        "inputs": [{"name": "input_ids", "dtype": "int64", "fill": "required", "rank": 2}],
+        "outputs": [{"name": "hidden", "dims": ["batch", "seq", 5]}],
+        "buckets": [[1, 8]],
+        "program": {"file": PROGRAM, "weights": list(weights), "inputs": ["input_ids"]},
+        "weights": {"file": "weights.safetensors", "aliases": {}},
+    }
 
 
 def entry(data: bytes) -> dict:

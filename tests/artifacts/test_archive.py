@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import stat
 import tarfile
+import time
 
 import pytest
 import torch
@@ -141,7 +142,13 @@ def test_member_count_and_size_caps(bundle, cache, tmp_path):
     archive = tmp_path / "many.kernl"
     members = kernl_members(bundle)
     archive.write_bytes(tar_bytes(members[:1] + [(f, None) for f in folders] + members[1:]))
-    with pytest.raises(BundleError, match="more members than its manifest lists"):
+    with pytest.raises(BundleError, match="member 'd0' is not a regular file"):  # pack() writes no folders
+        open_bundle(archive)
+    archive.write_bytes(tar_bytes(members + members[1:2]))  # a listed file once more, at the end
+    with pytest.raises(BundleError, match="appears twice"):
+        open_bundle(archive)
+    archive.write_bytes(tar_bytes(members[:1] + members[1:][::-1]))
+    with pytest.raises(BundleError, match="out of place"):
         open_bundle(archive)
     manifest = json.loads(members[0][1])
     manifest["files"]["weights.safetensors"]["size"] = 1 << 40  # more bytes than the archive holds
@@ -201,15 +208,16 @@ def test_processes_unpacking_at_once_all_succeed(tmp_path, cache, monkeypatch):
     big = {"w": torch.randn(4, 1 << 18), "b": torch.randn(7)}
     archive = pack(write_bundle(tmp_path / "bundle", big))
     ctx = multiprocessing.get_context("fork")  # the children inherit the patch below; they only read and write files
-    start, extracted, results = ctx.Barrier(3), ctx.Barrier(3), ctx.Queue()
+    start, results, extractions = ctx.Barrier(3), ctx.Queue(), ctx.Value("i", 0)
     extract = _Archive.extract
 
-    def extract_then_wait(self, *args, **kwargs):
-        tmp = extract(self, *args, **kwargs)
-        extracted.wait(timeout=60)  # all three have a complete copy before any renames it: two lose the race
-        return tmp
+    def slow_extract(self, *args, **kwargs):
+        with extractions.get_lock():
+            extractions.value += 1
+        time.sleep(0.5)  # the others arrive meanwhile, and wait for this copy rather than write their own
+        return extract(self, *args, **kwargs)
 
-    monkeypatch.setattr(_Archive, "extract", extract_then_wait)
+    monkeypatch.setattr(_Archive, "extract", slow_extract)
     children = [ctx.Process(target=_unpack_in_child, args=(str(archive), start, results)) for _ in range(3)]
     for child in children:
         child.start()
@@ -218,6 +226,7 @@ def test_processes_unpacking_at_once_all_succeed(tmp_path, cache, monkeypatch):
         child.join(timeout=60)
     assert all(root != "failed" for root, _ in got), got
     assert len(set(got)) == 1
+    assert extractions.value == 1
     assert entries(cache) == [os.path.basename(got[0][0])], "a temporary folder was left behind"
     assert bytes.fromhex(got[0][1]) == (tmp_path / "bundle" / PROGRAM).read_bytes()
 

@@ -77,8 +77,11 @@ def test_listed_path_outside_the_bundle(bundle, tmp_path, listed):
 
 def test_program_pointing_at_an_unlisted_file(bundle):
     edit_manifest(bundle, lambda m: m["program"].update(file="../../etc/passwd"))
-    with open_bundle(bundle) as files, pytest.raises(BundleError, match="not listed"):
-        files.read(files.manifest["program"]["file"])
+    with pytest.raises(BundleError, match="program.file: listed path '../../etc/passwd' does not name a file inside"):
+        open_bundle(bundle)
+    edit_manifest(bundle, lambda m: m["program"].update(file="kernels/elsewhere.json"))
+    with pytest.raises(BundleError, match="program.file names 'kernels/elsewhere.json', which is not listed"):
+        open_bundle(bundle)
 
 
 def test_swap_after_read_changes_nothing(bundle):
@@ -166,6 +169,8 @@ def test_many_folders(tmp_path):
     with BundleWriter(tmp_path / "many") as writer:
         for rel, text in texts.items():
             writer.write_text(rel, text)
+        writer.write_text(PROGRAM, "{}")
+        writer.write_text("weights.safetensors", "{}")
         manifest = json.loads((write_bundle(tmp_path / "base") / "manifest.json").read_text())
         root = writer.commit({k: v for k, v in manifest.items() if k not in ("files", "digest")})
     with open_bundle(root) as files:

@@ -144,5 +144,8 @@ def test_alias_to_a_missing_tensor(bundle):
 
 def test_weights_file_not_listed(bundle):
     edit_manifest(bundle, lambda m: m["weights"].update(file="../weights.safetensors"))
-    with pytest.raises(BundleError, match="not listed"):
-        load_weights(open_bundle(bundle), CPU)
+    with pytest.raises(BundleError, match="weights.file: listed path '../weights.safetensors' does not name a file"):
+        open_bundle(bundle)
+    edit_manifest(bundle, lambda m: m["weights"].update(file="weights2.safetensors"))
+    with pytest.raises(BundleError, match="weights.file names 'weights2.safetensors', which is not listed"):
+        open_bundle(bundle)

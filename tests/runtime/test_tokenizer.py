@@ -208,7 +208,8 @@ def test_from_a_written_bundle_through_the_reader(tmp_path):
         hf.save_pretrained(str(writer.root / "tokenizer"))
         program = {"file": "program.json", "weights": [], "inputs": BERT_INPUTS}
         writer.write_text("program.json", "{}")
-        required = {k: {} for k in ("versions", "target", "inputs", "outputs", "buckets")}
+        inputs = [{"name": n, "dtype": "int64", "fill": "required", "rank": 2} for n in BERT_INPUTS]
+        required = {"versions": {}, "target": {"device": "cpu"}, "inputs": inputs, "outputs": [], "buckets": [[1, 8]]}
         path = writer.commit({"format_version": FORMAT_VERSION, "dtype": "float32", "program": program, **required})
     with open_bundle(path) as files:
         assert_same_encoding(hf, load_tokenizer(files), SENTENCES)
