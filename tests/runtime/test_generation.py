@@ -1,7 +1,10 @@
 """Generation bundles: greedy output equal to transformers' generate, sampling reproducible, eos, bad input.
 
-CPU, fp32, tiny random GPT-2 and Llama (grouped-query attention, rotary). The GPU tests compile fp16/bf16
-bundles and check each generated token against HF's logits on the same prefix (teacher forcing).
+CPU, fp32, tiny random GPT-2 and Llama (grouped-query attention, rotary). On CPU the kernels run through their
+plain-torch references here (tests/kernels checks each kernel under Triton's interpreter against them): what
+these tests check is the generation logic, and the interpreter would make each token cost seconds. The GPU
+tests compile fp16/bf16 bundles and run the Triton kernels inside the captured graphs, checking each token
+against HF's logits on the same prefix (teacher forcing).
 """
 
 from __future__ import annotations
@@ -32,6 +35,18 @@ def tiny_lm(name: str, **overrides) -> torch.nn.Module:
                   pad_token_id=0)  # fmt: skip
     config.update(overrides)
     return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _references_on_cpu():
+    """CPU kernels through their references for this module (runs_triton reads the variable at each call)."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    yield
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET")
+    else:
+        os.environ["TRITON_INTERPRET"] = old
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -164,7 +179,7 @@ print(json.dumps(bundle.generate([[5, 6, 7, 8]], max_new_tokens=8, eos_token_id=
 
 def test_a_fresh_process_generates_from_the_bundle_on_disk(lm_bundle):
     model, path, _ = lm_bundle
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="0")
     out = subprocess.run([sys.executable, "-c", FRESH, str(path)], capture_output=True, text=True, env=env,
                          timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr
