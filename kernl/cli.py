@@ -13,6 +13,7 @@ from kernl.commands.errors import Group
 from kernl.commands.inspect import inspect_command
 from kernl.commands.keygen import keygen_command
 from kernl.commands.run import run_command
+from kernl.commands.serve import serve_command
 
 __all__ = ["compile_command", "main"]
 
@@ -27,6 +28,7 @@ main.add_command(inspect_command)
 main.add_command(run_command)
 main.add_command(bench_command)
 main.add_command(keygen_command)
+main.add_command(serve_command)
 
 if __name__ == "__main__":
     main(prog_name="kernl")

@@ -142,6 +142,15 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             },
         },
         "rewrites": {"type": "object"},
+        "sentence_transformers": {
+            "type": "object",
+            "properties": {
+                "pooling": {"type": "array", "items": _SHORT},
+                "normalize": {"type": "boolean"},
+                "max_seq_length": {"anyOf": [_POSITIVE, {"type": "null"}]},
+                "skipped": {"type": "array", "items": _SHORT},
+            },
+        },
         "checks": {"type": ["array", "object", "null"]},
         "kernels": {
             "type": "object",

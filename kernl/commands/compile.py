@@ -70,6 +70,11 @@ def _metadata(task: str, source: str, config: Any, limit: int | None) -> dict[st
         meta["vocab_size"] = config.vocab_size
     if task == "sequence-classification" and getattr(config, "id2label", None):
         meta["id2label"] = {str(k): str(v) for k, v in config.id2label.items()}
+    if task == "feature-extraction":
+        from kernl.commands.pooling import sentence_transformers_config
+
+        if (st := sentence_transformers_config(source)) is not None:
+            meta["sentence_transformers"] = st  # pooling and normalisation for kernl serve's embeddings
     return meta
 
 
