@@ -38,9 +38,12 @@ def compile(
     options: tokenizer (saved into the bundle), overwrite (replace an existing output_dir), archive (also
     write the one-file form, output_dir + ".kernl"), progress (a callable given each stage's name),
     metadata (extra JSON entries for the manifest, e.g. {"task": ...}), sign_key (an Ed25519 private key, PEM
-    path or bytes, that signs the bundle).
+    path or bytes, that signs the bundle), tensor_parallel (split the model over this many GPUs of a host:
+    Megatron-style, one program and one weights file per rank; load it under torchrun --nproc-per-node N).
     """
     generation = options.pop("generation", None)
+    if generation is not None and options.get("tensor_parallel", 1) != 1:
+        raise KernlError("tensor_parallel: generation bundles are not split across GPUs yet")
     if generation is not None:
         return _compile_generation(model, output_dir, buckets, generation, dtype, device, example_inputs, options)
     from kernl.compiler import compile_model
@@ -73,7 +76,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, **op
     """Load a bundle; the result is called with the model's keyword inputs. Loading runs no code from the bundle.
 
     options: verify, cuda_graphs, capture ("all" at load or "lazy" on a bucket's first call), recompile,
-    trusted_keys (Ed25519 public keys; unsigned or foreign bundles are refused). See kernl.runtime.load.
+    trusted_keys (Ed25519 public keys; unsigned or foreign bundles are refused); for a tensor-parallel bundle,
+    rank, world_size and timeout_s (torchrun's environment otherwise). See kernl.runtime.load.
     """
     from kernl.runtime import load as _load
 

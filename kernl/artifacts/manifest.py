@@ -93,6 +93,10 @@ def _check_relations(manifest: dict[str, Any]) -> None:
     weights = manifest.get("weights")
     if isinstance(weights, dict):
         named.append(("weights.file", weights["file"]))
+        named += [(f"weights.ranks[{r}]", rel) for r, rel in enumerate(weights.get("ranks") or [])]
+    ranks, tp = (weights or {}).get("ranks"), manifest.get("tensor_parallel")
+    if (tp is None) != (ranks is None) or (tp is not None and len(ranks) != tp["world_size"]):
+        raise BundleError(f"{MANIFEST}: tensor_parallel and weights.ranks come together, one weights file per rank")
     autotune = (manifest.get("kernels") or {}).get("autotune")
     named.append(("kernels.autotune", autotune))
     for key, rel in named:

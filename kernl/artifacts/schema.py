@@ -139,6 +139,19 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             "properties": {
                 "file": _PATH,
                 "aliases": {"type": "object", "maxProperties": MAX_NAMES, "additionalProperties": _NAME},
+                # A tensor-parallel bundle's weights file of each rank, in rank order ("file" is rank 0's).
+                "ranks": {"type": "array", "minItems": 2, "maxItems": 1024, "items": _PATH},
+            },
+        },
+        # How a tensor-parallel bundle's weights were split (kernl.compiler.shard.ShardPlan.describe).
+        "tensor_parallel": {
+            "type": "object",
+            "required": ["world_size"],
+            "properties": {
+                "world_size": {"type": "integer", "minimum": 2, "maximum": 1024},
+                "backend": {"enum": ["nccl", "gloo"]},
+                "split": {"type": "object", "maxProperties": MAX_NAMES},
+                "scaled": {"type": "array", "maxItems": MAX_NAMES, "items": _NAME},
             },
         },
         "rewrites": {"type": "object"},

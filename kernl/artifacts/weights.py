@@ -68,7 +68,7 @@ def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, str]
 
 
 def load_weights(
-    bundle: VerifiedBundle, device: torch.device, *, verify: bool = True
+    bundle: VerifiedBundle, device: torch.device, *, verify: bool = True, file: str | None = None
 ) -> tuple[dict[str, torch.Tensor], Callable[[], None]]:
     """The tensors of the bundle's weights file on device, each its own allocation (Triton specialises on
     16-byte pointer alignment), tied names re-tied; and wait(), which raises BundleError unless the bytes the
@@ -80,6 +80,10 @@ def load_weights(
     freed once hashed). Without verify (or when the bundle was opened without it) wait() checks nothing.
     """
     rel, aliases = _weights_entry(bundle.manifest)
+    if file is not None:  # a tensor-parallel rank's file: one of the manifest's weights.ranks
+        if file not in (bundle.manifest["weights"].get("ranks") or []):
+            raise BundleError(f"manifest.json: {file!r} is not one of the bundle's weights files")
+        rel = file
     entry = bundle.entry(rel)
     path = bundle.root / rel
     hasher = HashThread("kernl-weights-hash") if verify and bundle.verify else None

@@ -131,6 +131,13 @@ def _load_tokenizer(source: str):
 @click.option("--archive", is_flag=True, help="also write the one-file form, BUNDLE.kernl")
 @click.option("--force", is_flag=True, help="replace an existing output")
 @click.option(
+    "--tensor-parallel",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="split the model over this many GPUs (load it with torchrun --nproc-per-node N)",
+)
+@click.option(
     "--sign",
     "sign_key",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -151,6 +158,7 @@ def compile_command(
     max_length: int | None,
     archive: bool,
     force: bool,
+    tensor_parallel: int,
     sign_key: Path | None,
 ) -> None:
     """Compile a Hugging Face MODEL (local directory or cached hub id) into a kernl bundle."""
@@ -194,6 +202,7 @@ def compile_command(
             progress=progress,
             metadata=_metadata(task, source, config, limit),
             sign_key=private_key,
+            tensor_parallel=tensor_parallel,
             **({"generation": generation} if generation else {}),
         )
     except KernlError as err:

@@ -16,6 +16,7 @@ from kernl.artifacts.writer import BundleWriter
 from kernl.compiler.lower import _weights as _weights  # re-exported: tests and scripts rewrite programs with it
 from kernl.compiler.lower import lower_model
 from kernl.compiler.warmup import warm_up
+from kernl.compiler.warmup_sharded import warm_up_sharded
 from kernl.errors import KernlError
 from kernl.kernels.session import compile_session
 from kernl.runtime.program import PROGRAM_FILE, PROGRAM_VIEW
@@ -23,7 +24,7 @@ from kernl.runtime.program import PROGRAM_FILE, PROGRAM_VIEW
 # Keys compile_model writes into the manifest; metadata= may add others, never replace these.
 MANIFEST_KEYS = frozenset(
     "format_version model versions target dtype export_mode inputs outputs buckets rewrites program weights checks "
-    "kernels build_seconds files digest generation".split()
+    "kernels build_seconds files digest generation tensor_parallel".split()
 )
 
 
@@ -41,8 +42,12 @@ def compile_model(
     progress=None,
     metadata: dict | None = None,
     sign_key=None,
+    tensor_parallel: int = 1,
 ) -> Path:
     """Compile model into a bundle at output_dir; returns its path. See kernl.compile.
+
+    tensor_parallel: split the program over this many ranks (GPUs of one host); the bundle then holds one
+    weights file per rank (weights.rank<r>.safetensors) and kernl.load runs under torchrun.
 
     metadata: extra JSON-serialisable manifest entries (e.g. task, source model), added beside kernl's own.
     sign_key: an Ed25519 private key (PEM path or bytes) that signs the manifest.
@@ -56,25 +61,29 @@ def compile_model(
         timings[name] = time.perf_counter()
 
     sign = _signer(sign_key)
-    low = lower_model(model, buckets, dtype=dtype, device=device, example_inputs=example_inputs, stage=timed)
+    low = lower_model(
+        model, buckets, dtype=dtype, device=device, example_inputs=example_inputs, stage=timed,
+        tensor_parallel=tensor_parallel,
+    )  # fmt: skip
     model, device, buckets = low.model, low.device, low.buckets
     with BundleWriter(output_dir, overwrite=overwrite, archive=archive) as writer, compile_session() as kernels_used:
         writer.write_text(PROGRAM_FILE, json.dumps(low.spec.data(), allow_nan=False, separators=(",", ":")))
         writer.write_text(PROGRAM_VIEW, low.source)
         timed("warm-up")
-        checks = warm_up(
-            low.bind(),
-            model,
-            low.make_inputs,
-            buckets,
-            device,
-            low.weight_list(),
-            low.input_names,
-            on_bucket=lambda b: stage(f"warm-up {b[0]}x{b[1]}"),
-        )
+        on_bucket = lambda b: stage(f"warm-up {b[0]}x{b[1]}")  # noqa: E731
+        if low.shard is None:
+            checks = warm_up(
+                low.bind(), model, low.make_inputs, buckets, device, low.weight_list(), low.input_names,
+                on_bucket=on_bucket,
+            )  # fmt: skip
+        else:  # every rank as a thread of this process, summing over the threads
+            checks = warm_up_sharded(
+                low.bind(), low.shard, low.weights, low.spec.weights, model, low.make_inputs, buckets, device,
+                low.input_names, on_bucket=on_bucket,
+            )  # fmt: skip
         timed("save")
         kernels = kernels_used.save(writer.root) if device.type == "cuda" else 0
-        aliases = save_weights(low.weights, writer.root / "weights.safetensors")
+        weights_entry = _save_weights(low, writer.root)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(writer.root / "tokenizer"))
         manifest = {
@@ -87,16 +96,32 @@ def compile_model(
             **low.spec.manifest_entries(),
             "buckets": [list(b) for b in buckets],
             "rewrites": low.report,
-            "weights": {"file": "weights.safetensors", "aliases": aliases},
+            "weights": weights_entry,
             "checks": checks,
             "kernels": {"triton": kernels, "autotune": "kernels/autotune.json" if kernels else None},
         }
+        if low.shard is not None:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            manifest["tensor_parallel"] = {**low.shard.describe(), "backend": backend}
         timed("end")
         stamps = list(timings.items())
         manifest["build_seconds"] = {a: round(tb - ta, 3) for (a, ta), (_, tb) in zip(stamps, stamps[1:])}
         manifest.update(metadata)
         path = writer.commit(manifest, sign=sign)
     return path
+
+
+def _save_weights(low, root: Path) -> dict:
+    """The manifest's "weights": one file, or with tensor parallelism one per rank, each written (and freed)
+    before the next is made."""
+    if low.shard is None:
+        return {"file": "weights.safetensors", "aliases": save_weights(low.weights, root / "weights.safetensors")}
+    files = [f"weights.rank{r}.safetensors" for r in range(low.shard.world_size)]
+    aliases = [save_weights(low.rank_weights(r), root / rel) for r, rel in enumerate(files)]
+    if any(a != aliases[0] for a in aliases):  # ties are between replicated weights: the same on every rank
+        raise KernlError("tensor parallel: the ranks' weights are tied differently")
+    # "file" is rank 0's, for readers of one file (kernl inspect); kernl.load reads "ranks"[its rank].
+    return {"file": files[0], "aliases": aliases[0], "ranks": files}
 
 
 def _check_metadata(metadata: dict | None) -> dict:

@@ -15,6 +15,7 @@ from kernl.compiler.inputs import example_inputs_for, input_specs
 from kernl.compiler.outputs import output_layout, output_names
 from kernl.compiler.passes import run_passes
 from kernl.compiler.serialize import program_spec
+from kernl.compiler.shard import ShardPlan, shard_program
 from kernl.compiler.tail import split_tail
 from kernl.compiler.trace import export_model
 from kernl.errors import KernlError
@@ -35,6 +36,7 @@ class Lowered:
     dtype: torch.dtype
     device: torch.device
     make_inputs: Callable[[int, int], dict[str, torch.Tensor]]
+    shard: ShardPlan | None = None  # with tensor_parallel > 1: how each rank's weights are made from weights
 
     @property
     def input_names(self) -> list[str]:
@@ -42,8 +44,12 @@ class Lowered:
         return self.spec.input_names
 
     def weight_list(self) -> list[torch.Tensor]:
-        """The program's weight parameters, in order."""
+        """The program's weight parameters, in order (unsharded: see rank_weights for a tensor-parallel one)."""
         return [self.weights[name] for name in self.spec.weights]
+
+    def rank_weights(self, rank: int) -> dict[str, torch.Tensor]:
+        """The weights rank holds, by name: all of them without tensor parallelism."""
+        return self.weights if self.shard is None else self.shard.weights_for(self.weights, rank)
 
     def bind(self) -> Program:
         """The program's forward entry, bound from its data exactly as a bundle's load binds it."""
@@ -161,11 +167,22 @@ def lower_model(
     device: str | torch.device | None = None,
     example_inputs: dict[str, torch.Tensor] | None = None,
     stage: Callable[[str], None] | None = None,
+    tensor_parallel: int = 1,
 ) -> Lowered:
-    """Export model for buckets and rewrite it onto kernl's kernels; stage(name) marks "export" and "rewrite"."""
+    """Export model for buckets and rewrite it onto kernl's kernels; stage(name) marks "export" and "rewrite".
+
+    tensor_parallel: the number of ranks (GPUs) the program is split over (kernl.compiler.shard): one program
+    for all of them, whose weights differ per rank (Lowered.rank_weights).
+    """
     buckets = check_buckets(buckets)
     rw = rewrite_model(model, buckets, dtype=dtype, device=device, example_inputs=example_inputs, stage=stage)
     model, gm, weights, report = rw.model, rw.gm, rw.weights, rw.report
+    shard = None
+    if tensor_parallel != 1:
+        # On the rewritten graph (the passes' kernl.linear/attention nodes), before the device binding, the
+        # invariants and the tail split, which then see the per-rank program.
+        shard = shard_program(gm, weights, tensor_parallel)
+        report = dict(sorted({**report, **shard.report}.items()))
     layout = output_layout(rw.program, rw.example, static=rw.mode == "static")
     names = output_names(rw.eager_out, len(layout))
     bind_device(gm.graph)
@@ -201,4 +218,5 @@ def lower_model(
         dtype=rw.dtype,
         device=rw.device,
         make_inputs=rw.make_inputs,
+        shard=shard,
     )

@@ -5,6 +5,7 @@ torch._dynamo, which costs 1-5 s of a fresh process's start.
 """
 
 from kernl.kernels.attention import attention_call as attention
+from kernl.kernels.collectives import all_reduce_call as all_reduce
 from kernl.kernels.decode_attention import cache_fill_call as cache_fill
 from kernl.kernels.decode_attention import decode_attention_append_call as decode_attention_append
 from kernl.kernels.gated_linear import gated_linear_call as gated_linear
@@ -18,6 +19,7 @@ from kernl.kernels.rotary import rotary_call as rotary
 __all__ = [
     "add_layer_norm",
     "add_rms_norm",
+    "all_reduce",
     "attention",
     "cache_fill",
     "decode_attention_append",

@@ -23,6 +23,7 @@ from kernl.runtime.bundle import CAPTURE_MODES, Bundle
 from kernl.runtime.compat import resolve_device
 from kernl.runtime.limits import table_limits, with_limits
 from kernl.runtime.program import FORWARD, ProgramSpec
+from kernl.runtime.tensor_parallel import place
 
 
 def load(
@@ -34,6 +35,9 @@ def load(
     capture: str = "all",
     recompile: bool = False,
     trusted_keys: Iterable | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    timeout_s: float = 300.0,
 ) -> Bundle:
     """Load the bundle at path (a folder or a .kernl archive) onto device (default: its target's kind when this
     machine has it).
@@ -42,6 +46,12 @@ def load(
     (capture="all") or on each bucket's first call (capture="lazy"). trusted_keys (Ed25519 public keys: PEM
     paths or bytes) refuses bundles not signed by one of them. A bundle built for another GPU architecture,
     Triton or torch raises BundleError, or with recompile=True warns and compiles its kernels here.
+
+    A tensor-parallel bundle (kernl.compile(..., tensor_parallel=N)) loads in each of N processes, launched by
+    torchrun (or given rank= and world_size=, with their process group started or MASTER_ADDR/MASTER_PORT set):
+    each loads its rank's weights on its own GPU (cuda:LOCAL_RANK), and every rank must then be called with the
+    same inputs. Another world size, another bundle or GPU on some rank, or a rank that fails to load raise
+    BundleError on every rank; the ranks' checks time out after timeout_s instead of waiting forever.
     """
     if capture not in CAPTURE_MODES:
         raise ValueError(f"capture: expected one of {', '.join(CAPTURE_MODES)}, got {capture!r}")
@@ -58,23 +68,31 @@ def load(
     manifest = files.manifest
     signer = _check_signature(manifest, trusted_keys)
     device = resolve_device(manifest, device)
+    placement = place(manifest, device, rank=rank, world_size=world_size, timeout_s=timeout_s)
+    device = placement.device
     phase("manifest_s")
     # The weights are read (and hashed) in a thread while the program binds and the kernels install: file
     # reads and hashing release the GIL that imports hold.
     with ThreadPoolExecutor(1, thread_name_prefix="kernl-weights") as pool:
-        loading = pool.submit(load_weights, files, device, verify=verify)
+        loading = pool.submit(load_weights, files, device, verify=verify, file=placement.weights_file)
         spec = ProgramSpec.from_bundle(manifest, _json(files, manifest["program"]["file"]))
         program = spec.bind() if FORWARD in spec.entries else None  # generation bundles bind in Bundle
         phase("bind_s")
         scope = _kernels(files, device, recompile=recompile)
         phase("kernels_s")
         tensors, weights_verified = loading.result()
+    failure = None
     try:  # nothing has run yet: the weights must fit the program first
-        weights = program_weights(spec, tensors, manifest)
+        weights = program_weights(spec, tensors, manifest, placement.weights_file)
         spec = with_input_limits(spec, tensors)
-    except BundleError:
-        weights_verified()  # a corrupt file says so, rather than what its corruption looks like
-        raise
+    except BundleError as err:
+        failure = err
+        try:
+            weights_verified()  # a corrupt file says so, rather than what its corruption looks like
+        except BundleError as corrupt:
+            failure = corrupt
+    # Every rank learns whether all of them loaded their part before any waits for the others at an all-reduce.
+    placement.all_ready(failure)
     phase("weights_wait_s")
     # The weights' hash may finish in its thread while the graphs are captured; a mismatch raises before load
     # returns.
@@ -94,15 +112,18 @@ def load(
         weights_verified()
     phase("graphs_s")
     bundle.signed_by = signer
+    bundle.rank, bundle.world_size = placement.rank, placement.world_size
     bundle.load_timings = {**timings, **bundle.load_timings}
     return bundle
 
 
-def program_weights(spec: ProgramSpec, tensors: dict[str, torch.Tensor], manifest: dict) -> list[torch.Tensor]:
+def program_weights(
+    spec: ProgramSpec, tensors: dict[str, torch.Tensor], manifest: dict, file: str | None = None
+) -> list[torch.Tensor]:
     """The program's weights in its order, once the weights file is checked against the program: it holds every
     weight the program names and nothing else, each of the shape and dtype the manifest's program declares
     (program.weight_specs, when present). with_input_limits checks the tables the inputs index."""
-    rel = manifest["weights"]["file"]
+    rel = file or manifest["weights"]["file"]
     missing = [name for name in spec.weights if name not in tensors]
     if missing:
         raise BundleError(f"{rel}: no tensor {missing[0]!r}, which the program needs")

@@ -1,0 +1,122 @@
+"""Collectives of a tensor-parallel program: the sum over ranks after each row-parallel linear.
+
+torch.distributed does the work (NCCL on GPUs, gloo on CPU), over the default process group. On the
+current CUDA stream, NCCL's all_reduce is captured by a CUDA graph like any kernel, so a rank's graph holds
+its reductions and replays them without the host. On one process (no group, or a group of one) the sum is
+the tensor itself.
+
+For checks at compile time, the ranks can also be threads of one process (ThreadRanks): each thread runs
+its rank's program, and all_reduce sums the threads' tensors.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from kernl.kernels._custom_ops import custom_op
+
+_thread = threading.local()  # .ranks, .rank: set by ThreadRanks.run in the threads it starts
+
+
+def world_size() -> int:
+    """Ranks in the default process group; 1 when there is none."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum of x over the ranks of the default process group, in x's own memory: x is overwritten and returned.
+
+    x: any shape, the same on every rank. The sharding pass calls it on a row-parallel linear's fresh
+    output, which nothing else reads: summing in place spares a copy of every partial on every layer.
+    """
+    ranks = getattr(_thread, "ranks", None)
+    if ranks is not None:
+        return ranks.all_reduce(x)
+    if world_size() == 1:
+        return x
+    if not x.is_contiguous():
+        raise ValueError(f"x: all_reduce sums contiguous tensors in place, got strides {x.stride()}")
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)  # synchronous: on CUDA it is queued on the current stream
+    return x
+
+
+def all_reduce_reference(x: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks into a new tensor (x is left as it was)."""
+    return all_reduce(x.clone())
+
+
+def all_reduce_call(x: torch.Tensor) -> torch.Tensor:
+    return all_reduce(x)
+
+
+# The registered op is functional for torch (its output must not alias its input): it sums into a copy.
+# Bundles call all_reduce_call (kernels/direct.py), which sums in place.
+all_reduce_op = custom_op("kernl::all_reduce", all_reduce_reference, mutates_args=())
+
+
+@all_reduce_op.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class ThreadRanks:
+    """world_size ranks as threads of this process, for checking a sharded program where it is compiled.
+
+    run(fn) calls fn(rank) in one thread per rank and returns the results in rank order; inside, all_reduce
+    sums the ranks' tensors in rank order, so every rank gets the same values. A rank that raises makes the
+    others fail at their next all_reduce (no wait forever), and run raises its error.
+    """
+
+    def __init__(self, world_size: int, timeout_s: float = 600.0) -> None:
+        self.world_size = world_size
+        self._barrier = threading.Barrier(world_size, timeout=timeout_s)
+        self._parts: list = [None] * world_size
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        self._parts[_thread.rank] = x
+        self._barrier.wait()
+        total = self._parts[0].clone()
+        for part in self._parts[1:]:
+            total += part
+        self._barrier.wait()  # no rank overwrites its part before every rank has read them all
+        x.copy_(total)  # in place, as the process-group sum
+        return x
+
+    def run(self, fn: Callable[[int], object]) -> Sequence:
+        """fn(rank) for every rank, each in its own thread (one rank runs in the caller's), in the caller's
+        context variables (e.g. the compile's autotune decisions); the results in rank order."""
+        results: list = [None] * self.world_size
+        errors: list[BaseException] = []
+
+        def rank_main(rank: int) -> None:
+            previous = getattr(_thread, "ranks", None), getattr(_thread, "rank", None)
+            _thread.ranks, _thread.rank = self, rank
+            try:
+                results[rank] = fn(rank)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller below
+                errors.append(err)
+                self._barrier.abort()
+            finally:
+                _thread.ranks, _thread.rank = previous
+
+        if self.world_size == 1:
+            rank_main(0)
+        else:
+            context = contextvars.copy_context()
+            threads = [
+                threading.Thread(target=context.copy().run, args=(rank_main, r), name=f"kernl-rank{r}")
+                for r in range(self.world_size)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        if errors:
+            # The first rank's own error, not the broken barrier it left the others with.
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+        return results

@@ -1,0 +1,83 @@
+"""One rank of a tensor-parallel group on CPU (gloo), started as torchrun starts it (RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT in the environment): binds a sharded program from its data, as kernl.load does, runs it
+on the case's inputs and saves its outputs. Used by tests/runtime/test_tensor_parallel.py.
+
+    python -m tests.runtime.tp_worker CASE_DIR OUT_DIR
+    python -m tests.runtime.tp_worker --bundle BUNDLE INPUTS_FILE OUT_DIR   (kernl.load, as an application would)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def run_cases(case_dir: str, out_dir: str) -> None:
+    from kernl.errors import BundleError
+    from kernl.kernels.collectives import all_reduce
+    from kernl.runtime.program import ProgramSpec
+    from kernl.runtime.runner import Runner
+    from kernl.runtime.tensor_parallel import place
+
+    # A peer that never comes, or a collective that never completes, fails the rank instead of hanging it.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank = dist.get_rank()
+    try:
+        results: dict[str, torch.Tensor] = {}
+        x = torch.arange(6, dtype=torch.float32) * (rank + 1)  # the collective alone: each rank's own values
+        results["all_reduce"] = all_reduce(x)
+        # kernl.load's checks, made by all ranks together: the same bundle, each rank's own file, all loaded.
+        files = [f"weights.rank{r}.safetensors" for r in range(dist.get_world_size())]
+        manifest = {"digest": "d", "tensor_parallel": {"world_size": len(files)}, "weights": {"ranks": files}}
+        placement = place(manifest, torch.device("cpu"), timeout_s=60)
+        results["weights_file"] = placement.weights_file
+        results["another_bundle"] = _error(BundleError, place, {**manifest, "digest": f"d{min(rank, 1)}"}, x.device)
+        results["one_rank_failed"] = _error(
+            BundleError, placement.all_ready, BundleError("its file is corrupt") if rank == 1 else None
+        )
+        for name in sorted(os.listdir(case_dir)):
+            case = torch.load(os.path.join(case_dir, name), weights_only=True)
+            spec = ProgramSpec.from_bundle(json.loads(case["manifest"]), json.loads(case["program"]))
+            program = spec.bind()  # every op checked against the allow-list, kernl.all_reduce included
+            weights = [case[f"rank{rank}"][w] for w in spec.weights]
+            inputs = [(s["name"], getattr(torch, s["dtype"])) for s in spec.inputs]
+            runner = Runner(program, weights, inputs, spec.outputs, torch.device("cpu"), graphs=False)
+            tensors = {k.removeprefix("input."): v for k, v in case.items() if k.startswith("input.")}
+            outs = runner(tuple(case["bucket"]), tensors)
+            for spec_out, out in zip(spec.outputs, outs):
+                results[f"{name}/{spec_out['name']}"] = out
+        torch.save(results, os.path.join(out_dir, f"out.rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_bundle(bundle: str, inputs_file: str, out_dir: str) -> None:
+    """kernl.load under torchrun's environment, one call on the saved inputs, its outputs saved by rank."""
+    import kernl
+
+    loaded = kernl.load(bundle, timeout_s=60)
+    try:
+        out = loaded(**torch.load(inputs_file, weights_only=True))
+        torch.save(dict(out), os.path.join(out_dir, f"out.rank{loaded.rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _error(kind: type, fn, *args) -> str:
+    try:
+        fn(*args)
+    except kind as err:
+        return str(err)
+    return "no error"
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--bundle":
+        run_bundle(*sys.argv[2:5])
+    else:
+        run_cases(sys.argv[1], sys.argv[2])
