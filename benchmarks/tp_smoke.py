@@ -28,10 +28,11 @@ def main() -> None:
     mode, path = sys.argv[1], sys.argv[2]
     if mode == "compile":
         tp = int(sys.argv[sys.argv.index("--tp") + 1])
-        kernl.compile(model(), path, buckets=[(1, 16), (4, 128)], device="cuda", tensor_parallel=tp, overwrite=True)
+        options = {"tensor_parallel": tp} if tp > 1 else {}
+        kernl.compile(model(), path, buckets=[(1, 16), (4, 128)], device="cuda", overwrite=True, **options)
         return
     bundle = kernl.load(path)
-    rank = bundle.rank
+    rank = getattr(bundle, "rank", 0)
     torch.manual_seed(1)
     ids = torch.randint(0, 32000, (4, 100), device=bundle.device)
     out = bundle(input_ids=ids)[0].float()
