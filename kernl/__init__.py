@@ -45,6 +45,7 @@ def compile(
     if generation is not None and options.get("tensor_parallel", 1) != 1:
         raise KernlError("tensor_parallel: generation bundles are not split across GPUs yet")
     if generation is not None:
+        options.pop("tensor_parallel", None)  # 1: checked above
         return _compile_generation(model, output_dir, buckets, generation, dtype, device, example_inputs, options)
     from kernl.compiler import compile_model
 
