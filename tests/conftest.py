@@ -24,6 +24,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def cpu_references():
+    """For a module: CPU kernels run through their plain-torch references instead of Triton's interpreter
+    (runs_triton reads TRITON_INTERPRET at each call). For tests of logic above the kernels, which
+    tests/kernels checks under the interpreter."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    yield
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET")
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -28,6 +28,22 @@ MANIFEST_KEYS = frozenset(
 )
 
 
+class StageClock:
+    """Calls progress(name) as each compile stage starts and records when; seconds() gives each stage's length."""
+
+    def __init__(self, progress=None) -> None:
+        self.progress = progress or (lambda name: None)
+        self.starts: dict[str, float] = {}
+
+    def __call__(self, name: str) -> None:
+        self.progress(name)
+        self.starts[name] = time.perf_counter()
+
+    def seconds(self) -> dict[str, float]:
+        stamps = list(self.starts.items())
+        return {a: round(tb - ta, 3) for (a, ta), (_, tb) in zip(stamps, stamps[1:])}
+
+
 def compile_model(
     model: torch.nn.Module,
     output_dir: str | os.PathLike,
@@ -53,13 +69,8 @@ def compile_model(
     sign_key: an Ed25519 private key (PEM path or bytes) that signs the manifest.
     """
     metadata = _check_metadata(metadata)
-    stage = progress or (lambda name: None)
-    timings: dict[str, float] = {}
-
-    def timed(name: str):
-        stage(name)
-        timings[name] = time.perf_counter()
-
+    timed = StageClock(progress)
+    stage = timed.progress
     sign = _signer(sign_key)
     low = lower_model(
         model, buckets, dtype=dtype, device=device, example_inputs=example_inputs, stage=timed,
@@ -104,8 +115,7 @@ def compile_model(
             backend = "nccl" if device.type == "cuda" else "gloo"
             manifest["tensor_parallel"] = {**low.shard.describe(), "backend": backend}
         timed("end")
-        stamps = list(timings.items())
-        manifest["build_seconds"] = {a: round(tb - ta, 3) for (a, ta), (_, tb) in zip(stamps, stamps[1:])}
+        manifest["build_seconds"] = timed.seconds()
         manifest.update(metadata)
         path = writer.commit(manifest, sign=sign)
     return path

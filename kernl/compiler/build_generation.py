@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -12,7 +11,7 @@ import torch
 from kernl.artifacts.manifest import FORMAT_VERSION, describe_target, library_versions
 from kernl.artifacts.weights import save_weights
 from kernl.artifacts.writer import BundleWriter
-from kernl.compiler.build import _check_metadata, _signer
+from kernl.compiler.build import StageClock, _check_metadata, _signer
 from kernl.compiler.lower_generation import GenerationSettings, lower_generation
 from kernl.compiler.warmup_generation import check_generation
 from kernl.kernels.session import compile_session
@@ -47,13 +46,8 @@ def compile_generation(
 ) -> Path:
     """Compile a causal LM into a generation bundle (prefill per prompt bucket, decode step per batch bucket)."""
     metadata = _check_metadata(metadata)
-    stage = progress or (lambda name: None)
-    timings: dict[str, float] = {}
-
-    def timed(name: str):
-        stage(name)
-        timings[name] = time.perf_counter()
-
+    timed = StageClock(progress)
+    stage = timed.progress
     sign = _signer(sign_key)
     low = lower_generation(model, settings, dtype=dtype, device=device, stage=timed)
     vocab = low.spec.outputs[0]["dims"][1]
@@ -98,8 +92,7 @@ def compile_generation(
             "kernels": {"triton": kernels, "autotune": "kernels/autotune.json" if kernels else None},
         }
         timed("end")
-        stamps = list(timings.items())
-        manifest["build_seconds"] = {a: round(tb - ta, 3) for (a, ta), (_, tb) in zip(stamps, stamps[1:])}
+        manifest["build_seconds"] = timed.seconds()
         manifest.update(metadata)
         path = writer.commit(manifest, sign=sign)
     return path

@@ -1,7 +1,5 @@
 """`kernl-compile --task text-generation` and `kernl run --prompt`: a tiny GPT-2 with a word-level tokenizer."""
 
-import os
-
 import pytest
 import torch
 from click.testing import CliRunner
@@ -9,17 +7,8 @@ from click.testing import CliRunner
 from kernl.cli import main
 from tests.cli.conftest import VOCAB
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _references_on_cpu():
-    """CPU kernels through their references: the generation logic is under test (see test_generation.py)."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    yield
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET")
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+# The generation logic is under test: CPU kernels through their references (see test_generation.py).
+pytestmark = pytest.mark.usefixtures("cpu_references")
 
 
 @pytest.fixture(scope="module")

@@ -37,16 +37,7 @@ def tiny_lm(name: str, **overrides) -> torch.nn.Module:
     return LlamaForCausalLM(LlamaConfig(**config)).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _references_on_cpu():
-    """CPU kernels through their references for this module (runs_triton reads the variable at each call)."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    yield
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET")
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+pytestmark = pytest.mark.usefixtures("cpu_references")
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
