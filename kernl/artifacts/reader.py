@@ -18,7 +18,7 @@ import weakref
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kernl.artifacts.hashing import sha256_stream
+from kernl.artifacts.hashing import CHUNK, stream_checker
 from kernl.artifacts.manifest import MANIFEST, manifest_digest, validate
 from kernl.errors import BundleError
 
@@ -137,14 +137,18 @@ class VerifiedBundle:
                 self._hash_file(rel)
 
     def _hash_file(self, rel: str) -> None:
+        checker = stream_checker(self.entry(rel), "kernl-hash")
         with self.open(rel) as f:
             try:
-                digest = sha256_stream(f)
+                while block := f.read(CHUNK):
+                    checker.feed(block)
                 size = f.tell()
             except OSError as err:
                 raise _os_error(self._path(rel), err) from None
+            finally:
+                checker.finish()
         self._check_read(rel, size)
-        if digest != self.entry(rel)["sha256"]:
+        if not checker.matches():
             raise self.mismatch(rel)
 
     def _path(self, rel: Any) -> str:

@@ -27,6 +27,7 @@ _NAME = {"type": "string", "minLength": 1, "maxLength": 512}
 _IDENTIFIER = {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$"}
 _PATH = {"type": "string", "format": "bundle-path"}
 _SHORT = {"type": "string", "maxLength": 4096}
+_SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 # dtypes a call may carry and a program may take; the model's own (its float dtype) is one of the floats.
 FLOAT_DTYPES = ["float16", "bfloat16", "float32", "float64"]
 INPUT_DTYPES = ["int64", "int32", "int16", "int8", "uint8", "bool", *FLOAT_DTYPES]
@@ -177,9 +178,22 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             "propertyNames": _PATH,
             "additionalProperties": {
                 "type": "object",
-                "errorMessage": "needs a size in bytes and a sha256 in hex",
+                "errorMessage": "needs a size in bytes and a sha256 in hex (and for large files, valid pieces)",
                 "required": ["size", "sha256"],
-                "properties": {"size": _INT, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+                "properties": {
+                    "size": _INT,
+                    "sha256": _SHA256,
+                    # large files: the sha256 of each piece of `bytes` (the last one shorter), checked in parallel
+                    "pieces": {
+                        "type": "object",
+                        "required": ["bytes", "sha256"],
+                        "properties": {
+                            "bytes": {"type": "integer", "minimum": 1 << 20, "maximum": 1 << 34},
+                            "sha256": {"type": "array", "minItems": 2, "maxItems": 1 << 20, "items": _SHA256},
+                        },
+                        "additionalProperties": False,
+                    },
+                },
                 "additionalProperties": False,
             },
         },

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import torch
 from safetensors.torch import save_file
 
-from kernl.artifacts.hashing import HashThread, sha256_stream
+from kernl.artifacts.hashing import HashThread, PieceHasher, sha256_stream, stream_checker
 from kernl.errors import BundleError
 
 if TYPE_CHECKING:
@@ -72,9 +72,9 @@ def load_weights(
 ) -> tuple[dict[str, torch.Tensor], Callable[[], None]]:
     """The tensors of the bundle's weights file on device, each its own allocation (Triton specialises on
     16-byte pointer alignment), tied names re-tied; and wait(), which raises BundleError unless the bytes the
-    tensors came from match the manifest's sha256.
+    tensors came from match the manifest's sha256 (its pieces' digests, when listed).
 
-    The file is read once; its hash runs on a thread (hashlib releases the GIL) and may still be running when
+    The file is read once; its hash runs on threads (hashlib releases the GIL) and may still be running when
     this returns, so the caller can overlap it with other work: call wait() before trusting the tensors, and do
     not write to them before (on CPU the thread hashes the tensors' own memory; on CUDA it hashes host copies,
     freed once hashed). Without verify (or when the bundle was opened without it) wait() checks nothing.
@@ -86,7 +86,7 @@ def load_weights(
         rel = file
     entry = bundle.entry(rel)
     path = bundle.root / rel
-    hasher = HashThread("kernl-weights-hash") if verify and bundle.verify else None
+    hasher = stream_checker(entry, "kernl-weights-hash") if verify and bundle.verify else None
     device = torch.device(device)
     with bundle.open(rel) as f:
         try:
@@ -107,7 +107,7 @@ def load_weights(
         tensors[name] = tensors[target]
 
     def wait() -> None:
-        if hasher is not None and hasher.hexdigest() != entry["sha256"]:
+        if hasher is not None and not hasher.matches():
             raise bundle.mismatch(rel)
 
     return tensors, wait
@@ -125,7 +125,7 @@ def _weights_entry(manifest: dict) -> tuple[str, dict[str, str]]:
 
 
 def _read_tensors(
-    f: BinaryIO, size: int, device: torch.device, hasher: HashThread | None, path: Path
+    f: BinaryIO, size: int, device: torch.device, hasher: HashThread | PieceHasher | None, path: Path
 ) -> dict[str, torch.Tensor]:
     """Parse the header, then read each tensor's bytes (in file order) straight into its own host tensor."""
     head = _read_exact(f, 8, path)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kernl.artifacts import publish
-from kernl.artifacts.hashing import sha256_file
+from kernl.artifacts.hashing import file_entry
 from kernl.artifacts.manifest import MANIFEST, UNDIGESTED_KEYS, manifest_digest
 from kernl.errors import KernlError
 
@@ -104,7 +104,7 @@ class BundleWriter:
         for path in self._files():
             rel = path.relative_to(self.root).as_posix()
             if rel != MANIFEST:
-                files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+                files[rel] = file_entry(path)
         manifest = {k: v for k, v in manifest.items() if k not in UNDIGESTED_KEYS}
         manifest["files"] = files
         manifest["digest"] = manifest_digest(manifest)
