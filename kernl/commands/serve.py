@@ -34,6 +34,12 @@ def _serve_package():
 )
 @click.option("--max-batch", default=None, type=click.IntRange(1), help="rows a call (default: the largest bucket's)")
 @click.option("--model-name", default=None, help="the model id clients name (default: the bundle folder's name)")
+@click.option(
+    "--chat-template",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="a Jinja chat template file for /v1/chat/completions (default: the tokenizer config's)",
+)
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: the bundle's target")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info")
 @click.option("--ray", "use_ray", is_flag=True, help="serve replicas through Ray Serve (pip install 'kernl[ray]')")
@@ -48,6 +54,7 @@ def serve_command(
     max_queue: int,
     max_batch: int | None,
     model_name: str | None,
+    chat_template: Path | None,
     device: str | None,
     log_level: str,
     use_ray: bool,
@@ -55,7 +62,8 @@ def serve_command(
     ray_address: str | None,
     trusted_keys: tuple[Path, ...],
 ) -> None:
-    """Serve BUNDLE over HTTP: /v1/embeddings or /v1/predict by its task, /health, /v1/models, /metrics."""
+    """Serve BUNDLE over HTTP: /v1/embeddings, /v1/predict or /v1/completions and /v1/chat/completions by its task,
+    /health, /v1/models, /metrics. --max-batch caps the rows a generation bundle decodes at once."""
     if not use_ray and (replicas != 1 or ray_address):
         raise CliError("--replicas and --ray-address go with --ray")
     serve = _serve_package()
@@ -66,6 +74,7 @@ def serve_command(
         "max_queue": max_queue,
         "max_batch": max_batch,
         "model_name": model_name or bundle.name.removesuffix(".kernl"),
+        "chat_template": chat_template.read_text(encoding="utf-8") if chat_template else None,
         "device": device,
         "trusted_keys": [str(k) for k in trusted_keys] or None,
     }

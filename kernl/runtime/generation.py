@@ -20,7 +20,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from kernl.errors import BundleError, InputError
 from kernl.runtime.graphs import _own_cublas_workspace, _side_stream
 from kernl.runtime.program import ProgramSpec
 from kernl.runtime.sampling import SamplingParams, make_generator, mark_seen, sample, seen_tokens, update_done
+
+if TYPE_CHECKING:
+    from kernl.runtime.continuous import ContinuousBatch
 
 # How many decode steps the host queues between two looks at the done flags (a look waits for the GPU to
 # reach the step before: the host stays about one chunk ahead).
@@ -123,6 +126,7 @@ class Generator:
         self.prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
         self.decode_graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}
         self.timings = {"capture_s": 0.0}
+        self._continuous: ContinuousBatch | None = None
 
     # ---- checking a call -------------------------------------------------------------------------------
 
@@ -283,30 +287,50 @@ class Generator:
 
     # ---- running a request -----------------------------------------------------------------------------
 
+    def _seed(self, seed: int | None) -> None:
+        """Seed the sampler's generator: `seed`, or a fresh random one when None (the one place that seeds)."""
+        if seed is None:
+            self.rng.seed()
+        else:
+            self.rng.manual_seed(seed)
+
+    def _prefill(self, prompts: Sequence[Sequence[int]], rows: int, cache_rows: Sequence[int]):
+        """Run the prefill bucket (rows, smallest prompt bucket covering the prompts): prompt i goes into cache row
+        cache_rows[i], the bucket's padding rows into the scratch row. Other cache rows are left as they are.
+        Returns (logits [rows, vocab] float32 at each prompt's last token, host ids [rows, seq], lengths [rows])."""
+        seq = _smallest(self.settings.seq_lens, max(len(p) for p in prompts))
+        graph, (ids, _, last, rows_in), logits = self._prefill_entry((rows, seq))
+        host_ids = torch.zeros(rows, seq, dtype=torch.int64)
+        lengths = torch.ones(rows, dtype=torch.int64)
+        for r, prompt in enumerate(prompts):
+            host_ids[r, : len(prompt)] = torch.tensor(prompt, dtype=torch.int64)
+            lengths[r] = len(prompt)
+        row_ids = torch.full((rows,), self.scratch_row, dtype=torch.int64)
+        row_ids[: len(prompts)] = torch.tensor(list(cache_rows), dtype=torch.int64)
+        ids.copy_(host_ids, non_blocking=True)
+        last.copy_(lengths - 1, non_blocking=True)
+        rows_in.copy_(row_ids, non_blocking=True)
+        if graph is not None:
+            graph.replay()
+            out = logits
+        else:
+            out = logits()
+        return out.float(), host_ids, lengths
+
     def _start(self, req: Request) -> tuple[int, Callable[[], None]]:
         """Prefill the prompts and sample their first tokens; returns (rows, one decode step)."""
-        s = self.settings
+        if self._continuous is not None and self._continuous.active:
+            raise InputError("this bundle's generator is serving a continuous batch; generate() waits until it is idle")
+        if self._continuous is not None:
+            self._continuous.reset = True  # the rows generate() leaves behind are not the batch's free rows
         real = len(req.prompts)
         rows = req.params.rows
         greedy = req.params.all_greedy
         step_graph = self._decode_graph(rows, greedy, req.penalty) if self.graphs else None
-        seq = _smallest(s.seq_lens, max(len(p) for p in req.prompts))
-        graph, (ids, _, last, cache_rows), logits = self._prefill_entry((rows, seq))
-        host_ids = torch.zeros(rows, seq, dtype=torch.int64)
-        lengths = torch.ones(rows, dtype=torch.int64)
-        for r, prompt in enumerate(req.prompts):
-            host_ids[r, : len(prompt)] = torch.tensor(prompt, dtype=torch.int64)
-            lengths[r] = len(prompt)
-        row_ids = torch.arange(rows, dtype=torch.int64)
-        row_ids[real:] = self.scratch_row
-        ids.copy_(host_ids, non_blocking=True)
-        last.copy_(lengths - 1, non_blocking=True)
-        cache_rows.copy_(row_ids, non_blocking=True)
+        logits, host_ids, lengths = self._prefill(req.prompts, rows, range(real))
+        seq = host_ids.shape[1]
         self.params.copy_(_padded_params(req.params, self.params.rows))
-        if req.seed is not None:
-            self.rng.manual_seed(req.seed)
-        else:
-            self.rng.seed()
+        self._seed(req.seed)
         # Row state: position of the last prompt token, nothing produced yet; idle rows start done.
         self.positions[:rows, 0].copy_(lengths - 1, non_blocking=True)
         self.step_count[:rows].zero_()
@@ -317,16 +341,21 @@ class Generator:
         if req.penalty:
             self._ensure_seen()
             in_prompt = torch.arange(seq)[None, :] < lengths[:, None]
-            self.seen[:rows].copy_(seen_tokens(host_ids, s.vocab_size, in_prompt).to(self.device, non_blocking=True))
-        if graph is not None:
-            graph.replay()
-            out = logits
-        else:
-            out = logits()
-        self._advance(out.float(), rows, greedy, req.penalty)
+            self.seen[:rows].copy_(
+                seen_tokens(host_ids, self.settings.vocab_size, in_prompt).to(self.device, non_blocking=True)
+            )
+        self._advance(logits, rows, greedy, req.penalty)
         if step_graph is not None:
             return rows, step_graph.replay
         return rows, lambda: self._decode_step(rows, greedy, req.penalty)
+
+    def continuous(self) -> ContinuousBatch:
+        """The continuous batch over this generator's rows (one per generator): admit, step, retire."""
+        if self._continuous is None:
+            from kernl.runtime.continuous import ContinuousBatch
+
+            self._continuous = ContinuousBatch(self)
+        return self._continuous
 
     def stream(self, req: Request) -> Iterator[torch.Tensor]:
         """Yield each step's tokens ([batch] int64 on the host, pad for finished rows) as they come; the host

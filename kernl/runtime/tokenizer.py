@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 TOKENIZER_FILE = "tokenizer/tokenizer.json"
 # Read in this order, later entries winning, as transformers merges them.
 CONFIG_FILES = ("tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json")
+CHAT_TEMPLATE_FILE = "tokenizer/chat_template.jinja"
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # transformers' LARGE_INTEGER: a model_max_length above it means "no limit" (its default is 1e30).
 NO_LIMIT = int(1e20)
@@ -72,6 +73,11 @@ def load_tokenizer(bundle: VerifiedFiles) -> BundleTokenizer | None:
     for rel in CONFIG_FILES:
         if rel in files:
             config.update(_json(bundle, rel))
+    if CHAT_TEMPLATE_FILE in files:  # transformers 5 saves the template beside the config; it takes precedence
+        try:
+            config["chat_template"] = bundle.read(CHAT_TEMPLATE_FILE).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BundleError(f"{CHAT_TEMPLATE_FILE}: not UTF-8 text") from None
     program = bundle.manifest.get("program")
     names = program.get("inputs") if isinstance(program, dict) else None
     return BundleTokenizer(backend, config, input_names=names)

@@ -1,13 +1,16 @@
 """The ASGI app: kernl.serve.app(bundle), a FastAPI app that answers the bundle's task over HTTP, batching requests.
 
 Endpoints: POST /v1/embeddings (feature extraction, OpenAI-compatible), POST /v1/predict (classification,
-masked LM), GET /health, GET /v1/models, GET /metrics (Prometheus). Status codes: 400 bad parameters, 404 an
-unknown model or path, 413 more or longer inputs than the largest bucket, 422 a malformed body, 503 a full queue
-or a server shutting down, 500 anything unexpected (the server keeps serving).
+masked LM), POST /v1/completions and /v1/chat/completions (generation, OpenAI-compatible, streamed as server-sent
+events with stream: true; continuous batching), GET /health, GET /v1/models, GET /metrics (Prometheus).
+Status codes: 400 bad parameters, 404 an unknown model or path, 413 more or longer inputs than the largest bucket,
+422 a malformed body, 503 a full queue or a server shutting down, 500 anything unexpected (the server keeps
+serving).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import os
@@ -20,23 +23,27 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from kernl.errors import InputError, KernlError
 from kernl.serve.batcher import DynamicBatcher
+from kernl.serve.completions import Completions
 from kernl.serve.encoder import Encoder, EncoderHandler, Texts
 from kernl.serve.errors import ModelNotFound, status_of
+from kernl.serve.generation import GenerationScheduler
 from kernl.serve.metrics import CONTENT_TYPE, Metrics
 from kernl.serve.observe import Observe
 from kernl.serve.options import ServeOptions
 from kernl.serve.pooling import Pooling
 from kernl.serve.scheduler import Dispatcher
-from kernl.serve.schemas import EmbeddingsBody, PredictBody
+from kernl.serve.schemas import ChatBody, CompletionBody, EmbeddingsBody, PredictBody, SamplingBody
 from kernl.serve.tasks import check_masks, classify, embeddings, fill_masks, serve_task
 
 log = logging.getLogger("kernl.serve")
-ENDPOINTS = frozenset({"/v1/embeddings", "/v1/predict", "/v1/models", "/health", "/metrics"})
+ENDPOINTS = frozenset(
+    {"/v1/embeddings", "/v1/predict", "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+)
 ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error"}
 
 
@@ -52,6 +59,7 @@ class Served:
     created: int
     dim: int | None = None
     ready: bool = False
+    completions: Completions | None = None
 
 
 def app(
@@ -63,11 +71,13 @@ def app(
     model_name: str | None = None,
     device: str | None = None,
     trusted_keys: list[str | os.PathLike] | None = None,
+    chat_template: str | None = None,
 ) -> FastAPI:
     """A FastAPI app serving bundle (a path, loaded here with kernl.load(path, device, trusted_keys=...), or a
     loaded kernl Bundle). Serve it with any ASGI server; its lifespan starts the batcher and drains it on
-    shutdown. See ServeOptions for the batching options."""
-    options = ServeOptions(max_batch_delay_ms, max_queue, max_batch, model_name)
+    shutdown. See ServeOptions for the batching options (for a generation bundle, max_batch caps the rows
+    generating at once)."""
+    options = ServeOptions(max_batch_delay_ms, max_queue, max_batch, model_name, chat_template)
     loaded, name = _load(bundle, device, trusted_keys)
     served = _serve(loaded, options.model_name or name, options)
     return _routes(served)
@@ -91,6 +101,8 @@ def _serve(bundle: Any, name: str, options: ServeOptions) -> Served:
     tok = bundle.tokenizer
     if tok is None:
         raise KernlError("the bundle has no tokenizer/tokenizer.json: a server takes texts (compile it with one)")
+    if "generation" in manifest:
+        return _serve_generation(bundle, name, task, options)
     pooling = Pooling.from_manifest(manifest)
     skipped = (manifest.get("sentence_transformers") or {}).get("skipped")
     if task == "feature-extraction" and skipped:
@@ -120,6 +132,17 @@ def _serve(bundle: Any, name: str, options: ServeOptions) -> Served:
         )
     dim = _embedding_dim(manifest, pooling)
     return Served(bundle, name, task, Dispatcher(schedulers), metrics, int(time.time()), dim)
+
+
+def _serve_generation(bundle: Any, name: str, task: str, options: ServeOptions) -> Served:
+    """A generation bundle: completions and chat completions through continuous batching."""
+    scheduler = GenerationScheduler(bundle, bundle.tokenizer, max_queue=options.max_queue, max_rows=options.max_batch)
+    metrics = Metrics(scheduler.max_rows)
+    scheduler.metrics = metrics.generation
+    completions = Completions(bundle.tokenizer, scheduler.generator.settings, name, options.chat_template)
+    served = Served(bundle, name, task, Dispatcher([scheduler]), metrics, int(time.time()))
+    served.completions = completions
+    return served
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -204,11 +227,14 @@ def _routes(served: Served) -> FastAPI:
             "buckets": [list(b) for b in served.bundle.buckets],
             "device": str(served.bundle.device),
         }
+        if served.completions is not None:
+            model["max_model_len"] = served.completions.settings.max_length
         return {"object": "list", "data": [model]}
 
     @api.get("/metrics")
     async def metrics() -> Response:
         served.metrics.queued(served.dispatcher.queue_length())
+        served.metrics.generation.refresh()
         return Response(served.metrics.text(), media_type=CONTENT_TYPE)
 
     if "embeddings" in served.dispatcher.kinds:
@@ -239,5 +265,26 @@ def _routes(served: Served) -> FastAPI:
             return JSONResponse(
                 {"object": "list", "data": data, "model": served.name, "task": served.task, "usage": usage}
             )
+
+    if "generate" in served.dispatcher.kinds:
+
+        async def generate(body: SamplingBody, chat: bool) -> Response:
+            _check_model(served, body.model)
+            make = served.completions.chat_job if chat else served.completions.completion_job
+            job = await asyncio.to_thread(make, body)  # tokenizing and rendering the template: off the loop
+            stream = await served.dispatcher.submit("generate", job)
+            if body.stream:
+                events = served.completions.events(stream, body, chat)
+                headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            return JSONResponse(await served.completions.respond(stream, body, chat))
+
+        @api.post("/v1/completions")
+        async def completions(body: CompletionBody) -> Response:
+            return await generate(body, chat=False)
+
+        @api.post("/v1/chat/completions")
+        async def chat_completions(body: ChatBody) -> Response:
+            return await generate(body, chat=True)
 
     return api

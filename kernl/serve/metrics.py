@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -38,6 +41,7 @@ class Metrics:
             registry=self.registry,
         )
         self.requests = Counter("kernl_requests", "requests answered", ["endpoint", "status"], registry=self.registry)
+        self.generation = GenerationMetrics(self.registry)
 
     # The batcher's observer (kernl.serve.batcher.BatchObserver).
     def queued(self, length: int) -> None:
@@ -54,3 +58,61 @@ class Metrics:
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class GenerationMetrics:
+    """Continuous batching: rows generating, tokens produced (and their rate), time to first token, and how many
+    requests joined a batch while other rows were decoding."""
+
+    WINDOW_S = 10.0  # the tokens/s gauge is the rate over this window
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.active_rows = Gauge("kernl_generation_active_rows", "rows generating in the decode batch", registry=r)
+        self.tokens = Counter("kernl_generation_tokens", "tokens generated", registry=r)
+        self.rate = Gauge(
+            "kernl_generation_tokens_per_second", f"tokens generated a second over the last {self.WINDOW_S:g} s",
+            registry=r,
+        )  # fmt: skip
+        self.first_token = Histogram(
+            "kernl_generation_time_to_first_token_seconds",
+            "time from a request's arrival to its first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.admitted = Counter("kernl_generation_admitted", "requests admitted into the decode batch", registry=r)
+        self.joined = Counter(
+            "kernl_generation_joined", "requests admitted while other rows were mid-decode (continuous batching)",
+            registry=r,
+        )  # fmt: skip
+        self.steps = Counter("kernl_generation_steps", "decode steps run", registry=r)
+        self.step_rows = Histogram(
+            "kernl_generation_step_rows", "rows generating in one decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )  # fmt: skip
+        self._recent: deque[tuple[float, int]] = deque()
+
+    def admit(self, requests: int, running: int) -> None:
+        self.admitted.inc(requests)
+        if running:
+            self.joined.inc(requests)
+
+    def step(self, rows: int, tokens: int, active: int) -> None:
+        """One worker call: rows in its decode step (0 when none ran), tokens delivered, rows active after it."""
+        if rows:
+            self.steps.inc()
+            self.step_rows.observe(rows)
+        self.active_rows.set(active)
+        if tokens:
+            self.tokens.inc(tokens)
+            self._recent.append((time.monotonic(), tokens))
+
+    def first(self, seconds: float) -> None:
+        self.first_token.observe(seconds)
+
+    def refresh(self) -> None:
+        """Update the tokens/s gauge (before /metrics answers)."""
+        now = time.monotonic()
+        while self._recent and self._recent[0][0] < now - self.WINDOW_S:
+            self._recent.popleft()
+        self.rate.set(sum(n for _, n in self._recent) / self.WINDOW_S)

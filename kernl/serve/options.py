@@ -10,12 +10,14 @@ class ServeOptions:
     """max_batch_delay_ms: how long the first request of a batch waits for others to join it.
     max_queue: requests waiting (not yet in a running bundle call) before new ones get 503.
     max_batch: most rows in one bundle call (default: the largest bucket's batch).
-    model_name: the id /v1/models lists and requests may name (default: the bundle folder's name)."""
+    model_name: the id /v1/models lists and requests may name (default: the bundle folder's name).
+    chat_template: a Jinja chat template for /v1/chat/completions, instead of the tokenizer config's."""
 
     max_batch_delay_ms: float = 5.0
     max_queue: int = 1024
     max_batch: int | None = None
     model_name: str | None = None
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         from kernl.errors import InputError

@@ -15,7 +15,7 @@ from typing import Any
 
 from kernl.serve.options import ServeOptions
 
-APP_KEYS = ("max_batch_delay_ms", "max_queue", "max_batch", "model_name", "device", "trusted_keys")
+APP_KEYS = ("max_batch_delay_ms", "max_queue", "max_batch", "model_name", "device", "trusted_keys", "chat_template")
 
 
 def _ray_serve():

@@ -217,3 +217,10 @@ def test_from_a_written_bundle_through_the_reader(tmp_path):
     file.write_text(file.read_text().replace('"mat"', '"hat"'))
     with open_bundle(path) as files, pytest.raises(BundleError, match="tokenizer/tokenizer.json"):
         load_tokenizer(files)
+
+
+def test_chat_template_saved_beside_the_config(tmp_path):
+    hf = gpt2_tokenizer()
+    hf.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    hf, ours = in_bundle(hf, tmp_path, ["input_ids", "attention_mask"])
+    assert ours.config["chat_template"] == hf.chat_template
