@@ -66,6 +66,13 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                     # Values of this input index a table of this many rows (token ids: the vocabulary size);
                     # a call holding a value outside [0, limit) is refused before it runs.
                     "limit": _POSITIVE,
+                    # A fixed-shape input (log-mel features): ["batch", size, ...]; only the batch follows the call.
+                    "dims": {
+                        "type": "array",
+                        "minItems": 2,
+                        "maxItems": 8,
+                        "items": {"anyOf": [{"const": "batch"}, {"type": "integer", "minimum": 1, "maximum": 1 << 24}]},
+                    },
                 },
             },
         },
@@ -153,6 +160,17 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "backend": {"enum": ["nccl", "gloo"]},
                 "split": {"type": "object", "maxProperties": MAX_NAMES},
                 "scaled": {"type": "array", "maxItems": MAX_NAMES, "items": _NAME},
+                # Embedding / LM head tables split by vocabulary (kernl.compiler.shard_vocab), the size threshold
+                # that decided it, and each rank's first-row weight ("offsets": name -> rows per rank).
+                "vocab_parallel": {
+                    "type": "object",
+                    "properties": {
+                        "min_bytes": {"type": "integer", "minimum": 0},
+                        "embedding": {"type": "array", "maxItems": MAX_NAMES, "items": _NAME},
+                        "lm_head": {"type": "array", "maxItems": MAX_NAMES, "items": _NAME},
+                        "offsets": {"type": "object", "maxProperties": MAX_NAMES},
+                    },
+                },
             },
         },
         "rewrites": {"type": "object"},
@@ -212,6 +230,49 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "pad_token_id": {"anyOf": [_INT, {"type": "null"}]},
                 "bos_token_id": {"anyOf": [_INT, {"type": "null"}]},
                 "cache": {"type": "object"},
+            },
+        },
+        # Encoder-decoder generation (kernl.runtime.seq2seq reads it): encoder buckets, decode rows, prefix.
+        "seq2seq": {
+            "type": "object",
+            "required": ["kind", "max_length", "batch_sizes", "seq_lens", "num_beams", "vocab_size", "enc_len"]
+            + ["decoder_prefix"],
+            "properties": {
+                "kind": {"enum": ["text", "speech"]},
+                "max_length": _POSITIVE,
+                "batch_sizes": {"type": "array", "minItems": 1, "maxItems": 4096, "items": _POSITIVE},
+                "seq_lens": {"type": "array", "minItems": 1, "maxItems": 4096, "items": _POSITIVE},
+                "num_beams": _POSITIVE,
+                "vocab_size": _POSITIVE,
+                "enc_len": _POSITIVE,
+                "decoder_prefix": {"type": "array", "minItems": 1, "maxItems": 64, "items": _INT},
+                "eos_token_id": {"anyOf": [_INT, {"type": "null"}, {"type": "array", "maxItems": 64, "items": _INT}]},
+                "pad_token_id": {"anyOf": [_INT, {"type": "null"}]},
+                "cache": {"type": "object"},
+                # Speech: log-mel settings and the mel filter bank [1 + n_fft // 2, mels], sparse (flat index, value).
+                "audio": {
+                    "type": "object",
+                    "required": ["config", "mel_filters"],
+                    "properties": {
+                        "config": {
+                            "type": "object",
+                            "required": ["feature_size", "sampling_rate", "n_fft", "hop_length", "n_samples"],
+                            "properties": {
+                                k: _POSITIVE for k in ("feature_size", "sampling_rate", "n_fft", "hop_length")
+                            }
+                            | {"n_samples": _POSITIVE, "padding_value": {"type": "number"}},
+                        },
+                        "mel_filters": {
+                            "type": "object",
+                            "required": ["shape", "index", "values"],
+                            "properties": {
+                                "shape": {"type": "array", "minItems": 2, "maxItems": 2, "items": _POSITIVE},
+                                "index": {"type": "array", "maxItems": 1 << 20, "items": _INT},
+                                "values": {"type": "array", "maxItems": 1 << 20, "items": {"type": "number"}},
+                            },
+                        },
+                    },
+                },
             },
         },
         # Entries the compile command adds (kernl.compile(metadata=...)); read by kernl run and kernl bench.

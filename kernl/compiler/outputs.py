@@ -30,7 +30,8 @@ def _dim_roles(ep: ExportedProgram, example: dict[str, torch.Tensor]) -> dict[st
         if node.op == "placeholder" and node.name in user and node.name in example:
             shape = node.meta["val"].shape
             for dim, role in zip(shape, ("batch", "seq")):
-                roles[str(dim)] = role
+                if not str(dim).isdigit():  # a fixed size (a fixed-shape input's mel bins) is no role
+                    roles[str(dim)] = role
     return roles
 
 

@@ -1,4 +1,7 @@
-"""Export a model with torch.export for a set of (batch, seq) buckets: dynamic dims when it can."""
+"""Export a model with torch.export for a set of (batch, seq) buckets: dynamic dims when it can.
+
+Fixed-shape inputs (kernl.compiler.inputs) have a dynamic batch only; their buckets are (batch, window).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.export import Dim, ExportedProgram
 
+from kernl.compiler.inputs import fixed_dims, window_of
 from kernl.errors import KernlError
 
 
@@ -20,12 +24,30 @@ class Traced:
 
 
 def _dynamic_shapes(inputs: dict[str, torch.Tensor], max_batch: int, max_seq: int) -> dict:
-    dims = {}
-    if max_batch > 1:
-        dims[0] = Dim("batch", min=1, max=max_batch)
-    if max_seq > 1:
-        dims[1] = Dim("seq", min=1, max=max_seq)
-    return {name: dict(dims) for name in inputs}
+    """Batch (dim 0) dynamic in every input, seq (dim 1) in the [batch, seq] ones; fixed-shape inputs keep the rest."""
+    batch = Dim("batch", min=1, max=max_batch) if max_batch > 1 else None
+    seq = Dim("seq", min=1, max=max_seq) if max_seq > 1 else None
+    shapes = {}
+    for name, value in inputs.items():
+        dims = {0: batch} if batch is not None else {}
+        if seq is not None and fixed_dims(value) is None:
+            dims[1] = seq
+        shapes[name] = dims
+    return shapes
+
+
+def check_window(inputs: dict[str, torch.Tensor], buckets: list[tuple[int, int]]) -> None:
+    """A program whose inputs are all fixed-shape serves one length: every bucket must be (batch, window)."""
+    window = window_of(inputs)
+    if window is None:
+        return
+    wrong = [b for b in buckets if b[1] != window]
+    if wrong:
+        names = ", ".join(f"{n} {[*v.shape[1:]]}" for n, v in inputs.items())
+        raise KernlError(
+            f"bucket {wrong[0]}: the model's inputs have a fixed shape after the batch ({names}); give buckets as "
+            f"(batch, {window}), {window} being the window's length"
+        )
 
 
 def _short_reason(err: BaseException) -> str:
@@ -46,6 +68,7 @@ def export_model(model: torch.nn.Module, make_inputs, buckets: list[tuple[int, i
     max_batch = max(b for b, _ in buckets)
     max_seq = max(s for _, s in buckets)
     small = make_inputs(min(2, max_batch), min(16, max_seq))
+    check_window(small, buckets)
     shapes = _dynamic_shapes(small, max_batch, max_seq)
     errors = []
     for strict in (True, False):

@@ -11,7 +11,7 @@ import torch
 
 from kernl.errors import InputError
 from kernl.runtime.continuous import ContinuousBatch
-from kernl.runtime.dispatch import check_inputs, pick_bucket
+from kernl.runtime.dispatch import call_shape, check_inputs, pick_bucket
 from kernl.runtime.generation import Generator, Settings, output_ids
 from kernl.runtime.output import BundleOutput
 from kernl.runtime.program import Program, ProgramSpec
@@ -50,7 +50,9 @@ class Bundle:
         self.placement = None  # tensor parallel: this rank's kernl.runtime.tensor_parallel.Placement
         if program is not None:
             inputs = [(s["name"], getattr(torch, s["dtype"])) for s in spec.inputs]
-            self._runner = Runner(program, weights, inputs, spec.outputs, device, graphs=cuda_graphs, scope=scope)
+            self._runner = Runner(
+                program, weights, inputs, spec.outputs, device, graphs=cuda_graphs, scope=scope, specs=spec.inputs
+            )
             if capture == "all":
                 self._runner.capture(self.buckets)
                 self.load_timings.update(self._runner.timings)
@@ -84,7 +86,7 @@ class Bundle:
         if self._runner is None:
             raise InputError("this bundle generates text: call bundle.generate(input_ids, ...) or bundle.stream(...)")
         tensors = check_inputs(inputs, self._spec.inputs, self.buckets)
-        batch, seq = next(iter(tensors.values())).shape
+        batch, seq = call_shape(tensors, self._spec.inputs)
         bucket = pick_bucket(batch, seq, self.buckets, self._spec.input_names[0])
         with self._lock:  # one replay at a time: the static buffers are shared
             outs = self._runner(bucket, tensors)
@@ -112,7 +114,8 @@ class Bundle:
         repetition_penalty, eos_token_id, pad_token_id, seed.
 
         An encoder-decoder bundle (kernl.runtime.seq2seq) takes input_ids/attention_mask (text) or
-        input_features=[batch, mel bins, frames] (speech), plus num_beams, length_penalty, early_stopping and
+        input_features=[batch, mel bins, frames] (speech) or audio= 16 kHz waveforms (a 1-D tensor or array, or a
+        list of them; sampling_rate= checks theirs), plus num_beams, length_penalty, early_stopping and
         decoder_prefix, and returns the decoder's ids as HF generate does (Whisper: the new tokens only)."""
         if self._seq2seq is not None:
             req = self._seq2seq.request(input_ids, attention_mask, **options)

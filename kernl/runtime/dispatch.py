@@ -36,8 +36,9 @@ def accepted_dtypes(spec: dict) -> tuple[torch.dtype, ...]:
 
 
 def check_inputs(given: dict[str, Any], specs: list[dict], buckets: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """Validate names, ranks, dtypes, devices, a shared [batch, seq] shape, and the values of inputs that index a
-    table (a spec's "limit": token ids against the vocabulary); fill omitted optional inputs.
+    """Validate names, ranks, dtypes, devices, a shared [batch, seq] shape (fixed-shape inputs: the batch and their
+    fixed sizes, spec "dims"), and the values of inputs that index a table (a spec's "limit": token ids against the
+    vocabulary); fill omitted optional inputs.
 
     The same call is accepted or refused whatever the bundle's device: the checks read the call only.
     """
@@ -45,29 +46,52 @@ def check_inputs(given: dict[str, Any], specs: list[dict], buckets: list[tuple[i
     unknown = [n for n in given if n not in known]
     if unknown:
         raise InputError(f"{unknown[0]}: not an input of this bundle (inputs: {', '.join(known)})")
-    shape = None
+    shape = batch = None
     tensors: dict[str, torch.Tensor] = {}
     for name, value in given.items():
         if value is None:
             continue
         _check_tensor(name, value, known[name])
-        if shape is not None and tuple(value.shape) != shape:
-            raise InputError(f"{name}: shape {tuple(value.shape)} differs from the other inputs' {shape}")
-        shape = tuple(value.shape)
+        if batch is not None and value.shape[0] != batch:
+            raise InputError(f"{name}: batch {value.shape[0]} differs from the other inputs' {batch}")
+        batch = value.shape[0]
+        if "dims" not in known[name]:
+            if shape is not None and tuple(value.shape) != shape:
+                raise InputError(f"{name}: shape {tuple(value.shape)} differs from the other inputs' {shape}")
+            shape = tuple(value.shape)
         tensors[name] = value
-    if shape is None:
+    if batch is None:
         raise InputError(f"no inputs given (inputs: {', '.join(known)})")
     for spec in specs:
         if spec["name"] in tensors:
             continue
-        if spec["fill"] == "required":
+        if spec["fill"] == "required" or shape is None:
             raise InputError(f"{spec['name']}: missing; this bundle needs it")
         tensors[spec["name"]] = (torch.ones if spec["fill"] == "ones" else torch.zeros)(shape, dtype=torch.long)
-    batch, seq = shape
-    if batch < 1 or seq < 1:
-        raise InputError(f"{specs[0]['name']}: empty shape {shape}")
+    if batch < 1 or (shape is not None and shape[1] < 1):
+        raise InputError(f"{specs[0]['name']}: empty shape {tuple(next(iter(tensors.values())).shape)}")
     check_values(tensors, specs)
     return tensors
+
+
+def call_shape(tensors: dict[str, torch.Tensor], specs: list[dict]) -> tuple[int, int]:
+    """(batch, seq) of a checked call: seq of its [batch, seq] inputs, or for a program whose inputs all have a
+    fixed shape, its window (their last dim), which every bucket's seq equals."""
+    by_name = {s["name"]: s for s in specs}
+    first = next(iter(tensors.values()))
+    seq_inputs = [t for n, t in tensors.items() if "dims" not in by_name.get(n, {})]
+    if seq_inputs:
+        return int(seq_inputs[0].shape[0]), int(seq_inputs[0].shape[1])
+    return int(first.shape[0]), int(first.shape[-1])
+
+
+def input_shape(spec: dict, bucket: tuple[int, int]) -> tuple[int, ...]:
+    """The shape of an input's buffer in a bucket: the bucket itself for [batch, seq], [batch, *fixed] for a
+    fixed-shape input."""
+    dims = spec.get("dims")
+    if dims is None:
+        return tuple(bucket)
+    return (bucket[0], *dims[1:])
 
 
 def _check_tensor(name: str, value: Any, spec: dict) -> None:
@@ -79,7 +103,12 @@ def _check_tensor(name: str, value: Any, spec: dict) -> None:
         raise InputError(f"{name}: on device {value.device}; kernl takes tensors on the CPU or on CUDA")
     if value.layout != torch.strided or value.is_nested or value.is_quantized:
         raise InputError(f"{name}: a {value.layout} tensor; kernl takes dense (strided) tensors")
-    if value.dim() != spec["rank"]:
+    dims = spec.get("dims")
+    if dims is not None:
+        want = ", ".join(str(d) for d in dims)
+        if value.dim() != len(dims) or list(value.shape[1:]) != list(dims[1:]):
+            raise InputError(f"{name}: expected shape [{want}], got {tuple(value.shape)}")
+    elif value.dim() != spec["rank"]:
         raise InputError(f"{name}: expected a [batch, seq] tensor, got shape {tuple(value.shape)}")
     accepted = accepted_dtypes(spec)
     if value.dtype not in accepted:
@@ -130,17 +159,16 @@ def pick_bucket(batch: int, seq: int, buckets: list[tuple[int, int]], name: str)
 def pad_into(dst: torch.Tensor, src: torch.Tensor, *, is_mask: bool) -> None:
     """Copy src into the top-left of dst and fill the rest.
 
-    Padded positions get 0 (a padded token id, a masked position). A padded batch row of the mask keeps
-    its first position visible, so that no attention row is fully masked and nothing can turn into NaN.
+    Padded positions get 0 (a padded token id, a masked position, silent features). A padded batch row of the
+    mask keeps its first position visible, so that no attention row is fully masked and nothing can turn into NaN.
     """
     if dst.shape == src.shape:  # an exact fit: one copy kernel instead of fill + copy
         dst.copy_(src)
         return
-    b, s = src.shape
     dst.zero_()
-    dst[:b, :s].copy_(src)
-    if is_mask and dst.shape[0] > b:
-        dst[b:, 0] = 1
+    dst[tuple(slice(0, n) for n in src.shape)].copy_(src)
+    if is_mask and dst.shape[0] > src.shape[0]:
+        dst[src.shape[0] :, 0] = 1
 
 
 def fill_inputs(dsts: list[torch.Tensor], srcs: list[torch.Tensor], names: list[str]) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kernl.runtime.dispatch import input_shape
 from kernl.runtime.program import Program, storages
 
 
@@ -54,12 +55,15 @@ class BucketGraphs:
         inputs: Sequence[tuple[str, torch.dtype]],
         device: torch.device,
         pool: tuple | None = None,
+        specs: Sequence[dict] | None = None,
     ) -> None:
         # pool: another BucketGraphs' pool to share, when their replays are serialised together.
+        # specs: the inputs' manifest specs (a fixed-shape input is [batch, *dims[1:]] in every bucket).
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         self.program = program
         self.weights = list(weights)
         self.inputs = list(inputs)
+        self.specs = list(specs) if specs is not None else [{"name": name} for name, _ in self.inputs]
         self.device = device
         self.entries: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple]] = {}
         # Storage of each bucket's static inputs and head values, and of the weights: an output found there
@@ -80,7 +84,10 @@ class BucketGraphs:
             return
         program, weights, device = self.program, self.weights, self.device
         with torch.no_grad(), torch.cuda.device(device):
-            static = [self._initial(name, dtype, bucket, device) for name, dtype in self.inputs]
+            static = [
+                self._initial(name, dtype, input_shape(spec, bucket), device)
+                for spec, (name, dtype) in zip(self.specs, self.inputs)
+            ]
             start = time.perf_counter()
             side = _side_stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -101,10 +108,10 @@ class BucketGraphs:
             self.timings["capture_s"] += time.perf_counter() - warmed
 
     @staticmethod
-    def _initial(name: str, dtype: torch.dtype, bucket: tuple[int, int], device: torch.device) -> torch.Tensor:
+    def _initial(name: str, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         # A visible mask and token 0: the capture runs the same kernels as any real call.
         fill = 1 if name == "attention_mask" else 0
-        return torch.full(bucket, fill, dtype=dtype, device=device)
+        return torch.full(shape, fill, dtype=dtype, device=device)
 
     def static_inputs(self, bucket: tuple[int, int]) -> list[torch.Tensor]:
         return self.entries[bucket][1]

@@ -31,11 +31,13 @@ HOST_OPS: dict[str, Callable] = {
 
 # Functional aten ops that compute on tensors the program holds; nothing here reads or writes files, talks to
 # other processes or runs Python. Wide enough for the encoder, decoder and encoder-decoder graphs kernl exports.
+# conv1d/conv2d: export keeps the composite conv ops (Whisper's audio front end is two conv1d), not convolution.
 ATEN_OPS = frozenset(
     """
     __and__ __or__ __xor__ __lshift__ __rshift__ _assert_scalar _assert_tensor_metadata _softmax _to_copy
     _unsafe_view abs add addmm alias all amax amin any arange argmax argmin baddbmm bitwise_and bitwise_not
-    bitwise_or bmm cat ceil clamp clamp_max clamp_min clone constant_pad_nd contiguous convolution copy cos cumsum diff
+    bitwise_or bmm cat ceil clamp clamp_max clamp_min clone constant_pad_nd contiguous conv1d conv2d convolution copy
+    cos cumsum diff
     detach div embedding empty eq erf exp expand expand_as expm1 fill flatten flip floor floor_divide full
     full_like gather ge gelu gt index index_select isinf isnan layer_norm le lift_fresh_copy linear log log1p
     log_softmax logical_and logical_not logical_or lt masked_fill matmul max maximum mean min minimum mm mul

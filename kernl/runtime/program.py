@@ -7,9 +7,10 @@ allocate them fresh. Every function takes (target_device, *weights, ...): the he
 the tail then the values the head returns. A function may call the shared `invariants` function (values that
 depend only on the weights and the input shapes), which runs once per shape.
 
-A generation program has no "forward" but a "prefill" and a "decode" entry, each with its own inputs (listed in
-the entry), and state: tensors the runtime allocates at load from their specs ({name, dtype, shape}: the KV
-cache) and passes after the weights, (target_device, *weights, *state, *inputs); its kernels write them in place.
+A generation program has no "forward" but a "prefill" (or, encoder-decoder, "encode") and a "decode" entry, each
+with its own inputs (listed in the entry), and state: tensors the runtime allocates at load from their specs
+({name, dtype, shape}: the KV cache) and passes after the weights, (target_device, *weights, *state, *inputs); its
+kernels write them in place.
 
 On disk: program.json holds {"format_version", "functions", "entries"}; the manifest holds the weights, inputs,
 outputs and state; program.py beside them is a readable view that nothing runs.
@@ -30,6 +31,7 @@ PROGRAM_VIEW = "program.py"
 PROGRAM_FORMAT = 1
 FORWARD = "forward"
 GENERATION_ENTRIES = ("prefill", "decode")
+SEQ2SEQ_ENTRIES = ("encode", "decode")  # encoder-decoder generation: encode fills the cross-attention caches
 
 
 class Program(NamedTuple):
@@ -84,11 +86,12 @@ class ProgramSpec:
         if not isinstance(data, dict) or data.get("format_version") != PROGRAM_FORMAT:
             raise BundleError(f"{PROGRAM_FILE}: not a kernl program of format {PROGRAM_FORMAT}")
         functions, entries = data.get("functions"), data.get("entries")
-        has_entry = (
-            FORWARD in entries or all(e in entries for e in GENERATION_ENTRIES) if isinstance(entries, dict) else False
+        has_entry = isinstance(entries, dict) and (
+            FORWARD in entries or any(all(e in entries for e in kind) for kind in (GENERATION_ENTRIES, SEQ2SEQ_ENTRIES))
         )
         if not isinstance(functions, dict) or not has_entry:
-            raise BundleError(f"{PROGRAM_FILE}: needs functions and a {FORWARD!r} entry, or prefill and decode")
+            raise BundleError(f"{PROGRAM_FILE}: needs functions and a {FORWARD!r} entry, prefill and decode, or "
+                              "encode and decode")  # fmt: skip
         program = manifest["program"]
         by_name = {spec.get("name"): spec for spec in manifest["inputs"]}
         try:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from kernl.runtime.dispatch import fill_inputs, slice_output
+from kernl.runtime.dispatch import call_shape, fill_inputs, input_shape, slice_output
 from kernl.runtime.graphs import BucketGraphs
 from kernl.runtime.program import Program, own_outputs
 
@@ -32,16 +32,20 @@ class Runner:
         graphs: bool = True,
         pool: tuple | None = None,
         scope: Callable[[], contextlib.AbstractContextManager] | None = None,
+        specs: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         # scope: entered around every run of the program (e.g. the bundle's own autotune decisions).
+        # specs: the inputs' manifest specs; a fixed-shape input ("dims") is [batch, *dims[1:]] in every bucket.
         self.program = program
         self.weights = list(weights)
         self.inputs = list(inputs)
         self.input_names = [name for name, _ in self.inputs]
+        self.specs = list(specs) if specs is not None else [{"name": name} for name in self.input_names]
         self.outputs = list(outputs)
         self.device = device
         self.scope = scope or contextlib.nullcontext
-        self.graphs = BucketGraphs(program, weights, inputs, device, pool) if graphs and device.type == "cuda" else None
+        on_cuda = graphs and device.type == "cuda"
+        self.graphs = BucketGraphs(program, weights, inputs, device, pool, self.specs) if on_cuda else None
 
     @property
     def timings(self) -> dict[str, float]:
@@ -54,11 +58,14 @@ class Runner:
 
     def __call__(self, bucket: tuple[int, int], tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """The outputs for [batch, seq] tensors (by input name, all present) run in bucket, sliced back."""
-        batch, seq = next(iter(tensors.values())).shape
+        batch, seq = call_shape(tensors, self.specs)
         real = [tensors[name].to(self.device, non_blocking=True) for name in self.input_names]
         with self.scope():
             if self.graphs is None:
-                padded = [torch.empty(bucket, dtype=dtype, device=self.device) for _, dtype in self.inputs]
+                padded = [
+                    torch.empty(input_shape(spec, bucket), dtype=dtype, device=self.device)
+                    for spec, (_, dtype) in zip(self.specs, self.inputs)
+                ]
                 fill_inputs(padded, real, self.input_names)
                 return self._slice(self.program(self.device, *self.weights, *padded), batch, seq)
             self.graphs.capture(bucket)

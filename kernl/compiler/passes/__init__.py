@@ -13,8 +13,10 @@ import torch.fx
 
 from kernl.compiler.passes.attention import fuse_attention
 from kernl.compiler.passes.context import PassContext
+from kernl.compiler.passes.eager_attention import fuse_eager_attention
 from kernl.compiler.passes.gated import fuse_gated_linear
 from kernl.compiler.passes.inline import inline_higher_order_ops
+from kernl.compiler.passes.inplace import functionalize_inplace
 from kernl.compiler.passes.layer_norm import fuse_layer_norm
 from kernl.compiler.passes.linear import fuse_linear
 from kernl.compiler.passes.noops import remove_inference_noops
@@ -26,14 +28,17 @@ from kernl.kernels import register_ops
 register_ops()  # the passes write torch.ops.kernl.* calls into the graph
 
 # Order matters:
-# - wrapped regions inlined first, then no-ops removed, so that patterns see one flat graph without dropout;
+# - wrapped regions inlined first, in-place ops on temporaries made functional, then no-ops removed, so that
+#   patterns see one flat, functional graph without dropout (eager attention then finds softmax → matmul);
 # - norms take the residual add before the linear pass could (the layer-norm tests pin add_layer_norm);
 # - gate/up go to gated_linear before the projection fusion could merge them, and sibling linears are
 #   merged before the linear pass turns each into kernl.linear with its activation and residual.
 PASSES = (
     inline_higher_order_ops,
+    functionalize_inplace,
     remove_inference_noops,
     fuse_attention,
+    fuse_eager_attention,
     fuse_rotary,
     fuse_layer_norm,
     fuse_rms_norm,

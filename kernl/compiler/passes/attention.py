@@ -37,7 +37,7 @@ def _through_full_slices(node):
     return node
 
 
-def _unrepeated(node) -> tuple[torch.fx.Node, int] | None:
+def unrepeated(node) -> tuple[torch.fx.Node, int] | None:
     """(k, n) when node is HF's repeat_kv of k by n (n >= 1), else None."""
     if not is_call(node, *VIEW_OPS):
         return None
@@ -69,14 +69,14 @@ def _unrepeated(node) -> tuple[torch.fx.Node, int] | None:
     return source, n
 
 
-def _unexpanded_mask(mask, target: tuple) -> torch.fx.Node | None:
+def unexpanded_mask(mask, target: tuple) -> torch.fx.Node | None:
     """The smallest tensor along a chain of expands that still broadcasts to target."""
-    while is_call(mask, aten.expand.default) and _broadcasts(fake(mask.args[0]), target):
+    while is_call(mask, aten.expand.default) and broadcasts(fake(mask.args[0]), target):
         mask = mask.args[0]
     return mask
 
 
-def _broadcasts(mask: torch.Tensor | None, target: tuple) -> bool:
+def broadcasts(mask: torch.Tensor | None, target: tuple) -> bool:
     if mask is None or mask.dim() > 4:
         return False
     padded = (1,) * (4 - mask.dim()) + tuple(mask.shape)
@@ -99,7 +99,7 @@ def _attention_args(node: torch.fx.Node) -> tuple | None:
         return None
     if not isinstance(scale, (int, float, type(None))):
         return None
-    folded = (uk := _unrepeated(k)) is not None and (uv := _unrepeated(v)) is not None and uk[1] == uv[1]
+    folded = (uk := unrepeated(k)) is not None and (uv := unrepeated(v)) is not None and uk[1] == uv[1]
     if folded:
         k, v, kv = uk[0], uv[0], fake(uk[0])
     # The kernel: q head h reads kv head h // (hq // hkv): repeat_kv's and enable_gqa's layout both.
@@ -116,9 +116,9 @@ def _attention_args(node: torch.fx.Node) -> tuple | None:
     if mask is not None:
         mv = fake(mask)
         target = (qv.shape[0], hq, qv.shape[2], kv.shape[2])
-        if mv is None or mv.dtype not in (torch.bool, *FLOAT_DTYPES) or not _broadcasts(mv, target):
+        if mv is None or mv.dtype not in (torch.bool, *FLOAT_DTYPES) or not broadcasts(mv, target):
             return None
-        mask = _unexpanded_mask(mask, target)
+        mask = unexpanded_mask(mask, target)
     return q, k, v, mask, causal, None if scale is None else float(scale)
 
 
