@@ -42,10 +42,9 @@ def compile(
     Megatron-style, one program and one weights file per rank; load it under torchrun --nproc-per-node N).
     """
     generation = options.pop("generation", None)
-    if generation is not None and options.get("tensor_parallel", 1) != 1:
-        raise KernlError("tensor_parallel: generation bundles are not split across GPUs yet")
+    if generation is not None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return _compile_seq2seq(model, output_dir, buckets, generation, dtype, device, example_inputs, options)
     if generation is not None:
-        options.pop("tensor_parallel", None)  # 1: checked above
         return _compile_generation(model, output_dir, buckets, generation, dtype, device, example_inputs, options)
     from kernl.compiler import compile_model
 
@@ -71,6 +70,34 @@ def _compile_generation(model, output_dir, buckets, generation, dtype, device, e
                       isinstance(getattr(config, k, None), int)), None)  # fmt: skip
     settings = GenerationSettings.checked(generation["max_length"], batch_sizes, seq_lens, model_max)
     return compile_generation(model, output_dir, settings=settings, dtype=dtype, device=device, **options)
+
+
+def _compile_seq2seq(model, output_dir, buckets, generation, dtype, device, example_inputs, options) -> Path:
+    """An encoder-decoder's generation bundle: generation={max_length, batch_sizes, seq_lens (text encoder
+    input buckets; speech: the model's fixed window), num_beams (the most a call may ask, default 1)}."""
+    from kernl.compiler import Seq2SeqSettings, compile_seq2seq
+    from kernl.compiler.lower_seq2seq import SPEECH, model_kind, speech_frames
+
+    if example_inputs is not None:
+        raise KernlError("example_inputs: a seq2seq bundle's inputs are fixed by the model, not custom")
+    if not isinstance(generation, dict) or "max_length" not in generation:
+        raise KernlError("generation: expected a dict with max_length (and batch_sizes, seq_lens, num_beams)")
+    unknown = set(generation) - {"max_length", "batch_sizes", "seq_lens", "num_beams"}
+    if unknown:
+        raise KernlError(f"generation: unknown setting {sorted(unknown)[0]!r}")
+    kind = model_kind(model)
+    batch_sizes = generation.get("batch_sizes") or sorted({b for b, _ in buckets or []}) or [1]
+    if kind == SPEECH:
+        seq_lens = [speech_frames(model)]
+    else:
+        seq_lens = generation.get("seq_lens") or sorted({s for _, s in buckets or []})
+    config = model.config
+    model_max = next((getattr(config, k) for k in ("max_target_positions", "max_position_embeddings") if
+                      isinstance(getattr(config, k, None), int)), None)  # fmt: skip
+    settings = Seq2SeqSettings.checked(
+        kind, generation["max_length"], batch_sizes, seq_lens, generation.get("num_beams", 1), model_max
+    )
+    return compile_seq2seq(model, output_dir, settings=settings, dtype=dtype, device=device, **options)
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, **options) -> Bundle:

@@ -9,7 +9,7 @@ import click
 
 from kernl.commands.buckets import resolve_buckets
 from kernl.commands.errors import CliError, Command, first_line
-from kernl.commands.tasks import TASKS, infer_task, load_model, max_positions
+from kernl.commands.tasks import SEQ2SEQ_TASKS, SPEECH_TASK, TASKS, infer_task, load_model, max_positions
 
 DTYPES = ("float16", "bfloat16", "float32")
 ARCHIVE_SUFFIX = ".kernl"
@@ -82,7 +82,7 @@ def _generation(task: str, max_length: int | None, buckets: list[tuple[int, int]
     """kernl.compile's generation settings for --task text-generation: prompt buckets and the cache length."""
     if task != "text-generation":
         if max_length is not None:
-            raise CliError(f"--max-length: only for --task text-generation (this is {task})")
+            raise CliError(f"--max-length: only for generation tasks (this is {task})")
         return None
     max_length = max_length or min(limit or 2048, 2048)
     if limit is not None and max_length > limit:
@@ -92,6 +92,47 @@ def _generation(task: str, max_length: int | None, buckets: list[tuple[int, int]
         raise CliError(f"--max-length {max_length}: leaves no room to generate after a {longest}-token prompt")
     batch_sizes, seq_lens = sorted({b for b, _ in buckets}), sorted({s for _, s in buckets})
     return {"max_length": max_length, "batch_sizes": batch_sizes, "seq_lens": seq_lens}
+
+
+def _decoder_positions(config: Any) -> int | None:
+    for key in ("max_target_positions", "max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _seq2seq(
+    task: str,
+    config: Any,
+    max_length: int | None,
+    buckets: str | None,
+    batch_sizes: str | None,
+    seq_lens: str | None,
+    num_beams: int | None,
+) -> tuple[list[tuple[int, int]] | None, dict]:
+    """(encoder buckets, kernl.compile's generation settings) of an encoder-decoder: speech reads one fixed
+    window (--batch-sizes only); text buckets its input (--batch-sizes with --seq-lens, or --buckets)."""
+    from kernl.commands.buckets import _positive_ints
+
+    if task == SPEECH_TASK:
+        if buckets is not None or seq_lens is not None:
+            raise CliError(f"--task {task}: the encoder reads a fixed window; give --batch-sizes only")
+        bucket_list, sizes, lens = None, _positive_ints(batch_sizes or "1", "--batch-sizes"), None
+    else:
+        bucket_list = resolve_buckets(buckets, batch_sizes, seq_lens)
+        sizes, lens = sorted({b for b, _ in bucket_list}), sorted({s for _, s in bucket_list})
+        encoder_limit = max_positions(config)  # BART's learned positions; T5's relative ones have no limit
+        if encoder_limit is not None and lens[-1] > encoder_limit:
+            raise CliError(f"--seq-lens {lens[-1]}: longer than the encoder's {encoder_limit} positions")
+    limit = _decoder_positions(config)
+    max_length = max_length or min(limit or 256, 448 if task == SPEECH_TASK else 256)
+    if limit is not None and max_length > limit:
+        raise CliError(f"--max-length {max_length}: beyond the decoder's {limit} positions")
+    generation = {"max_length": max_length, "batch_sizes": sorted(set(sizes)), "num_beams": num_beams or 1}
+    if lens is not None:
+        generation["seq_lens"] = lens
+    return bucket_list, generation
 
 
 def _load_sign_key(path: Path | None):
@@ -116,6 +157,17 @@ def _load_tokenizer(source: str):
         return None
 
 
+def _load_feature_extractor(source: str):
+    """The model's WhisperFeatureExtractor (preprocessor_config.json), whose log-mel settings a speech bundle
+    carries; None when it has none (the bundle then uses Whisper's defaults at the model's mel bins)."""
+    from transformers import WhisperFeatureExtractor
+
+    try:
+        return WhisperFeatureExtractor.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 @click.command(name="kernl-compile", cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="bundle directory to write")
@@ -126,7 +178,10 @@ def _load_tokenizer(source: str):
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: cuda when present")
 @click.option("--task", type=click.Choice(TASKS), default="auto", show_default=True, help="auto: from the config")
 @click.option(
-    "--max-length", type=click.IntRange(2), default=None, help="text-generation: KV cache positions (prompt + new)"
+    "--max-length", type=click.IntRange(2), default=None, help="generation: KV cache positions (prompt + new)"
+)
+@click.option(
+    "--num-beams", type=click.IntRange(1, 8), default=None, help="encoder-decoders: the most beams a call may ask"
 )
 @click.option("--archive", is_flag=True, help="also write the one-file form, BUNDLE.kernl")
 @click.option("--force", is_flag=True, help="replace an existing output")
@@ -156,6 +211,7 @@ def compile_command(
     device: str | None,
     task: str,
     max_length: int | None,
+    num_beams: int | None,
     archive: bool,
     force: bool,
     tensor_parallel: int,
@@ -163,15 +219,27 @@ def compile_command(
 ) -> None:
     """Compile a Hugging Face MODEL (local directory or cached hub id) into a kernl bundle."""
     # Every check runs before anything heavy is loaded or written.
-    bucket_list = resolve_buckets(buckets, batch_sizes, seq_lens)
+    if task not in ("auto", *SEQ2SEQ_TASKS):
+        resolve_buckets(buckets, batch_sizes, seq_lens)  # bad buckets first, as before the config is read
     _check_output(output, force=force, archive=archive)
     device = _resolve_device(device)
     source, config = _load_config(model)
-    task = infer_task(getattr(config, "architectures", None)) if task == "auto" else task
+    task = infer_task(getattr(config, "architectures", None), config) if task == "auto" else task
     if task == "causal-lm" and max_length is not None:
         task = "text-generation"  # a cache length asks for generation
-    limit = _check_lengths(bucket_list, config)
-    generation = _generation(task, max_length, bucket_list, limit)
+    if task in SEQ2SEQ_TASKS:
+        if tensor_parallel > 1:
+            raise CliError(f"--tensor-parallel: not supported for --task {task}")
+        if not getattr(config, "is_encoder_decoder", False):
+            raise CliError(f"--task {task}: {model} is not an encoder-decoder model")
+        bucket_list, generation = _seq2seq(task, config, max_length, buckets, batch_sizes, seq_lens, num_beams)
+        limit = _decoder_positions(config)
+    else:
+        if num_beams is not None:
+            raise CliError(f"--num-beams: only for encoder-decoder generation tasks (this is {task})")
+        bucket_list = resolve_buckets(buckets, batch_sizes, seq_lens)
+        limit = _check_lengths(bucket_list, config)
+        generation = _generation(task, max_length, bucket_list, limit)
     private_key = _load_sign_key(sign_key)
 
     import torch
@@ -187,7 +255,8 @@ def compile_command(
         hf_model = load_model(source, task, **({"dtype": torch_dtype} if torch_dtype else {})).to(device)
     except (OSError, ValueError, KeyError) as err:
         raise CliError(f"{model}: cannot load it as {task} ({first_line(err)})") from None
-    steps = len(bucket_list) + (len(generation["batch_sizes"]) if generation else 0)  # + one decode check each
+    # Warm-up stages: one a bucket, plus one decode check a batch size (seq2seq: speech has one encoder window).
+    steps = len(bucket_list or generation["batch_sizes"]) + (len(generation["batch_sizes"]) if generation else 0)
     progress = StageProgress(steps, ctx.command_path)
     try:
         path = kernl.compile(
@@ -202,7 +271,8 @@ def compile_command(
             progress=progress,
             metadata=_metadata(task, source, config, limit),
             sign_key=private_key,
-            tensor_parallel=tensor_parallel,
+            **({"tensor_parallel": tensor_parallel} if task not in SEQ2SEQ_TASKS else {}),
+            **({"feature_extractor": _load_feature_extractor(source)} if task == SPEECH_TASK else {}),
             **({"generation": generation} if generation else {}),
         )
     except KernlError as err:

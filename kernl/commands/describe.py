@@ -118,6 +118,30 @@ def generation_text(gen: dict[str, Any]) -> str:
     )
 
 
+def seq2seq_text(gen: dict[str, Any]) -> str:
+    """An encoder-decoder bundle's generation settings in one line."""
+    cache = gen.get("cache") or {}
+    if gen.get("kind") == "speech":
+        source = f"audio features {gen.get('num_mel_bins')} mel bins x {gen['seq_lens'][-1]} frames"
+    else:
+        source = f"text of {', '.join(map(str, gen['seq_lens']))} tokens"
+    eos = gen.get("eos_token_id")
+    return (
+        f"{source}; batches {', '.join(map(str, gen['batch_sizes']))}; beams up to {gen.get('num_beams', 1)}; "
+        f"max length {gen['max_length']}; decoder prefix {gen.get('decoder_prefix')}; eos {eos}; "
+        f"caches {human_size(cache.get('bytes', 0))}"
+    )
+
+
+def generation_fields(manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    """The generation line of a summary: decoder-LM or encoder-decoder settings, or none."""
+    if "generation" in manifest:
+        return [("generation", generation_text(manifest["generation"]))]
+    if "seq2seq" in manifest:
+        return [("generation", seq2seq_text(manifest["seq2seq"]))]
+    return []
+
+
 def compile_summary(manifest: dict[str, Any], path: str) -> str:
     """What `kernl-compile` prints at the end."""
     head = fields(
@@ -127,7 +151,7 @@ def compile_summary(manifest: dict[str, Any], path: str) -> str:
             ("dtype", manifest["dtype"]),
             ("target", target_text(manifest)),
             ("buckets", buckets_text(manifest)),
-            *([("generation", generation_text(manifest["generation"]))] if "generation" in manifest else []),
+            *generation_fields(manifest),
             ("rewrites", rewrites_text(manifest)),
             ("kernels", f"{kernel_count(manifest)} compiled Triton kernels"),
             ("size", f"{human_size(bundle_bytes(manifest))} in {len(manifest['files']) + 1} files"),

@@ -14,7 +14,20 @@ from kernl.commands.errors import CliError, Command
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--text", "texts", multiple=True, help="a text to run; repeat for a batch")
 @click.option("--prompt", "prompts", multiple=True, help="generation bundles: a prompt; repeat for a batch")
-@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1), help="generation bundles")
+@click.option(
+    "--audio",
+    "audio_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="speech bundles (Whisper): a .wav file to transcribe; repeat for a batch",
+)
+@click.option(
+    "--max-new-tokens",
+    default=None,
+    type=click.IntRange(1),
+    help="generation bundles [default: 64; encoder-decoders: up to the bundle's max length]",
+)
+@click.option("--num-beams", default=1, show_default=True, type=click.IntRange(1), help="encoder-decoders: beam search")
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="generation: 0 = greedy")
 @click.option("--top-p", default=1.0, show_default=True, type=float, help="generation: nucleus sampling")
 @click.option("--seed", default=None, type=click.IntRange(0), help="generation: makes sampling reproducible")
@@ -25,7 +38,9 @@ def run_command(
     bundle: Path,
     texts: tuple[str, ...],
     prompts: tuple[str, ...],
-    max_new_tokens: int,
+    audio_files: tuple[Path, ...],
+    max_new_tokens: int | None,
+    num_beams: int,
     temperature: float,
     top_p: float,
     seed: int | None,
@@ -34,22 +49,33 @@ def run_command(
     trusted_keys: tuple[Path, ...],
 ) -> None:
     """Run BUNDLE on texts and print embeddings, top tokens or labels; a generation bundle streams the
-    completion of --prompt."""
+    completion of --prompt; an encoder-decoder prints what it generates from --text or --audio."""
     import kernl
     from kernl.commands.present import report
     from kernl.commands.tasks import infer_task
     from kernl.commands.tokenizer import bundle_tokenizer
 
-    if not texts and not prompts:
-        raise CliError("give --text (or --prompt for a generation bundle)")
+    if not texts and not prompts and not audio_files:
+        raise CliError("give --text (or --prompt for a generation bundle, --audio for a speech bundle)")
     loaded = load_bundle(bundle, device, trusted_keys)
-    tok = bundle_tokenizer(loaded, bundle)  # read from the bytes kernl.load verified
     manifest = loaded.manifest
+    sampling = dict(do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p, seed=seed)
+    if "seq2seq" in manifest:
+        from kernl.commands.generate import run_seq2seq
+
+        options = dict(sampling, num_beams=num_beams, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
+        run_seq2seq(loaded, bundle, list(prompts or texts), list(audio_files), options)
+        return
+    if audio_files:
+        raise CliError("--audio: this bundle does not read audio (compile a Whisper model with --task "
+                       "automatic-speech-recognition)")  # fmt: skip
+    if num_beams != 1:
+        raise CliError("--num-beams: only for encoder-decoder bundles")
+    tok = bundle_tokenizer(loaded, bundle)  # read from the bytes kernl.load verified
     if "generation" in manifest:
         from kernl.commands.generate import run_generation
 
-        options = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
-                       top_p=top_p, seed=seed)  # fmt: skip
+        options = dict(sampling, max_new_tokens=max_new_tokens or 64)
         run_generation(loaded, tok, list(prompts or texts), options)
         return
     if prompts:

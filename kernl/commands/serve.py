@@ -44,6 +44,13 @@ def _serve_package():
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info")
 @click.option("--ray", "use_ray", is_flag=True, help="serve replicas through Ray Serve (pip install 'kernl[ray]')")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), help="Ray Serve replicas")
+@click.option(
+    "--tensor-parallel",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="ranks of a tensor-parallel bundle: started on this host's GPUs, served through rank 0",
+)
 @click.option("--ray-address", default=None, help="a running Ray cluster (default: RAY_ADDRESS, else a local one)")
 @trusted_key_option
 def serve_command(
@@ -59,6 +66,7 @@ def serve_command(
     log_level: str,
     use_ray: bool,
     replicas: int,
+    tensor_parallel: int,
     ray_address: str | None,
     trusted_keys: tuple[Path, ...],
 ) -> None:
@@ -66,6 +74,8 @@ def serve_command(
     /health, /v1/models, /metrics. --max-batch caps the rows a generation bundle decodes at once."""
     if not use_ray and (replicas != 1 or ray_address):
         raise CliError("--replicas and --ray-address go with --ray")
+    if use_ray and tensor_parallel > 1:
+        raise CliError("--tensor-parallel is not supported with --ray yet (a replica would need its own N-GPU group)")
     serve = _serve_package()
     from kernl.errors import KernlError
 
@@ -85,6 +95,19 @@ def serve_command(
             check_bundle_path(bundle)
             ready = lambda: click.echo(f"kernl serve: {replicas} Ray Serve replica(s) on http://{host}:{port}")  # noqa: E731
             run_ray(bundle, host=host, port=port, replicas=replicas, address=ray_address, on_ready=ready, **options)
+            return
+        if tensor_parallel > 1:
+            from kernl.serve.tensor_parallel import serve_tensor_parallel
+
+            check_bundle_path(bundle)
+            keys, run_opts = options.pop("trusted_keys"), {k: v for k, v in options.items() if k != "device"}
+            serve_tensor_parallel(
+                bundle,
+                tensor_parallel,
+                lambda loaded: serve.run(loaded, host=host, port=port, log_level=log_level, **run_opts),
+                device=device,
+                trusted_keys=keys,
+            )
             return
         loaded = load_bundle(bundle, device, trusted_keys)
         options.pop("device"), options.pop("trusted_keys")

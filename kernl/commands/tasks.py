@@ -10,13 +10,21 @@ AUTO_CLASSES = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "causal-lm": "AutoModelForCausalLM",
     "text-generation": "AutoModelForCausalLM",
+    "automatic-speech-recognition": "AutoModelForSpeechSeq2Seq",
+    "text2text-generation": "AutoModelForSeq2SeqLM",
 }
 TASKS = ("auto", *AUTO_CLASSES)
+SPEECH_TASK, TEXT2TEXT_TASK = "automatic-speech-recognition", "text2text-generation"
+SEQ2SEQ_TASKS = (SPEECH_TASK, TEXT2TEXT_TASK)  # encoder-decoder generation bundles
 
 
-def infer_task(architectures: list[str] | None) -> str:
-    """The task of config.architectures' first entry; feature-extraction when it names none of the heads."""
+def infer_task(architectures: list[str] | None, config: Any = None) -> str:
+    """The task of config.architectures' first entry; feature-extraction when it names none of the heads.
+    With the config: an encoder-decoder's ...ForConditionalGeneration generates, from audio features when its
+    encoder reads mel bins (Whisper), else from text (T5, BART)."""
     for arch in architectures or []:
+        if arch.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
+            return SPEECH_TASK if isinstance(getattr(config, "num_mel_bins", None), int) else TEXT2TEXT_TASK
         if arch.endswith("ForMaskedLM"):
             return "masked-lm"
         if arch.endswith("ForSequenceClassification"):

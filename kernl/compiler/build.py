@@ -15,8 +15,9 @@ from kernl.artifacts.weights import save_weights
 from kernl.artifacts.writer import BundleWriter
 from kernl.compiler.lower import _weights as _weights  # re-exported: tests and scripts rewrite programs with it
 from kernl.compiler.lower import lower_model
+from kernl.compiler.meta import check_weights_source, read_weights_from
 from kernl.compiler.warmup import warm_up
-from kernl.compiler.warmup_sharded import warm_up_sharded
+from kernl.compiler.warmup_sharded import warm_up_sharded, warm_up_unchecked
 from kernl.errors import KernlError
 from kernl.kernels.session import compile_session
 from kernl.runtime.program import PROGRAM_FILE, PROGRAM_VIEW
@@ -59,6 +60,7 @@ def compile_model(
     metadata: dict | None = None,
     sign_key=None,
     tensor_parallel: int = 1,
+    weights_from: str | os.PathLike | None = None,
 ) -> Path:
     """Compile model into a bundle at output_dir; returns its path. See kernl.compile.
 
@@ -67,8 +69,11 @@ def compile_model(
 
     metadata: extra JSON-serialisable manifest entries (e.g. task, source model), added beside kernl's own.
     sign_key: an Ed25519 private key (PEM path or bytes) that signs the manifest.
+    weights_from: for a model on the meta device, the safetensors files its weights are read from, one tensor at
+    a time (kernl.compiler.meta); its outputs are then not compared with the eager model's.
     """
     metadata = _check_metadata(metadata)
+    check_weights_source(model, weights_from)
     timed = StageClock(progress)
     stage = timed.progress
     sign = _signer(sign_key)
@@ -77,12 +82,18 @@ def compile_model(
         tensor_parallel=tensor_parallel,
     )  # fmt: skip
     model, device, buckets = low.model, low.device, low.buckets
+    eager = not read_weights_from(low.weights, weights_from)
     with BundleWriter(output_dir, overwrite=overwrite, archive=archive) as writer, compile_session() as kernels_used:
         writer.write_text(PROGRAM_FILE, json.dumps(low.spec.data(), allow_nan=False, separators=(",", ":")))
         writer.write_text(PROGRAM_VIEW, low.source)
         timed("warm-up")
         on_bucket = lambda b: stage(f"warm-up {b[0]}x{b[1]}")  # noqa: E731
-        if low.shard is None:
+        if not eager:
+            checks = warm_up_unchecked(
+                low.bind(), low.shard, low.weights, low.spec.weights, low.make_inputs, buckets, device,
+                low.input_names, on_bucket=on_bucket,
+            )  # fmt: skip
+        elif low.shard is None:
             checks = warm_up(
                 low.bind(), model, low.make_inputs, buckets, device, low.weight_list(), low.input_names,
                 on_bucket=on_bucket,

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from kernl.artifacts.manifest import FORMAT_VERSION, describe_target, library_versions
-from kernl.artifacts.weights import save_weights
 from kernl.artifacts.writer import BundleWriter
-from kernl.compiler.build import StageClock, _check_metadata, _signer
+from kernl.compiler.build import StageClock, _check_metadata, _save_weights, _signer
 from kernl.compiler.lower_generation import GenerationSettings, lower_generation
+from kernl.compiler.meta import check_weights_source, read_weights_from
 from kernl.compiler.warmup_generation import check_generation
 from kernl.kernels.session import compile_session
 from kernl.runtime.program import PROGRAM_FILE, PROGRAM_VIEW
@@ -43,22 +43,32 @@ def compile_generation(
     progress=None,
     metadata: dict | None = None,
     sign_key=None,
+    tensor_parallel: int = 1,
+    weights_from: str | os.PathLike | None = None,
 ) -> Path:
-    """Compile a causal LM into a generation bundle (prefill per prompt bucket, decode step per batch bucket)."""
+    """Compile a causal LM into a generation bundle (prefill per prompt bucket, decode step per batch bucket).
+
+    tensor_parallel: split it over this many ranks: one program whose KV cache holds heads_kv / N heads per
+    rank, and one weights file per rank (see kernl.compiler.build.compile_model).
+    weights_from: for a model on the meta device, the safetensors files its weights are read from, one tensor at
+    a time (kernl.compiler.meta); its outputs are then not compared with the eager model's.
+    """
     metadata = _check_metadata(metadata)
+    check_weights_source(model, weights_from)
     timed = StageClock(progress)
     stage = timed.progress
     sign = _signer(sign_key)
-    low = lower_generation(model, settings, dtype=dtype, device=device, stage=timed)
+    low = lower_generation(model, settings, dtype=dtype, device=device, stage=timed, tensor_parallel=tensor_parallel)
+    eager = not read_weights_from(low.weights, weights_from)
     vocab = low.spec.outputs[0]["dims"][1]
     with BundleWriter(output_dir, overwrite=overwrite, archive=archive) as writer, compile_session() as kernels_used:
         writer.write_text(PROGRAM_FILE, json.dumps(low.spec.data(), allow_nan=False, separators=(",", ":")))
         writer.write_text(PROGRAM_VIEW, low.source)
         timed("warm-up")
-        checks = check_generation(low, on_bucket=lambda what: stage(f"warm-up {what}"))
+        checks = check_generation(low, on_bucket=lambda what: stage(f"warm-up {what}"), eager=eager)
         timed("save")
         kernels = kernels_used.save(writer.root) if low.device.type == "cuda" else 0
-        aliases = save_weights(low.weights, writer.root / "weights.safetensors")
+        weights_entry = _save_weights(low, writer.root)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(writer.root / "tokenizer"))
         cache_bytes = sum(
@@ -83,14 +93,17 @@ def compile_generation(
                     "heads_kv": low.layout.heads_kv,
                     "head_dim": low.layout.head_dim,
                     "rows": settings.rows,
-                    "bytes": cache_bytes,
+                    "bytes": cache_bytes,  # per rank, as heads_kv, with tensor parallelism
                 },
             },
             "rewrites": low.report,
-            "weights": {"file": "weights.safetensors", "aliases": aliases},
+            "weights": weights_entry,
             "checks": checks,
             "kernels": {"triton": kernels, "autotune": "kernels/autotune.json" if kernels else None},
         }
+        if low.shard is not None:
+            backend = "nccl" if low.device.type == "cuda" else "gloo"
+            manifest["tensor_parallel"] = {**low.shard.describe(), "backend": backend}
         timed("end")
         manifest["build_seconds"] = timed.seconds()
         manifest.update(metadata)

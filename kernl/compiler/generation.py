@@ -84,24 +84,28 @@ def _add_caches(graph: torch.fx.Graph, layers: int) -> list[tuple[torch.fx.Node,
     return caches
 
 
-def _logits(graph: torch.fx.Graph) -> tuple[torch.fx.Node, torch.fx.Node]:
-    """(output node, the LM head's kernl.linear) when the program's first output is the head's result."""
+def _logits(graph: torch.fx.Graph) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]:
+    """(output node, the LM head's kernl.linear, the logits it makes: the head, or with a vocabulary-parallel head
+    the all_gather of its slices) when the program's first output is the head's result."""
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     outs = output.args[0]
     logits = outs[0] if isinstance(outs, (tuple, list)) else outs
     head = logits
     while is_call(head, aten.alias.default, *VIEW_OPS):
         head = head.args[0]
+    whole = head
+    if is_call(head, kernl_ops.all_gather.default):
+        head = head.args[0]
     value = fake(logits)
     if not is_call(head, kernl_ops.linear.default) or value is None or value.dim() != 3:
         raise KernlError("generation: the model's first output is not an LM head's logits [batch, seq, vocab]")
-    return output, head
+    return output, head, whole
 
 
-def _set_output(graph: torch.fx.Graph, output: torch.fx.Node, head: torch.fx.Node, vocab: int) -> None:
+def _set_output(graph: torch.fx.Graph, output: torch.fx.Node, logits: torch.fx.Node) -> None:
     """Return only the logits, as [batch, vocab]."""
     with graph.inserting_before(output):
-        flat = graph.call_function(aten.view.default, (head, [-1, vocab]))
+        flat = graph.call_function(aten.view.default, (logits, [-1, fake(logits).shape[-1]]))
     output.args = ((flat,),)
 
 
@@ -126,7 +130,7 @@ def prefill_graph(gm: torch.fx.GraphModule, layout: CacheLayout) -> torch.fx.Gra
     for node, (k_cache, v_cache) in zip(attentions, caches, strict=True):
         with graph.inserting_after(node):
             graph.call_function(kernl_ops.cache_fill.default, (k_cache, v_cache, node.args[1], node.args[2], rows))
-    output, head = _logits(graph)
+    output, head, logits = _logits(graph)
     hidden = head.args[0]
     width = fake(hidden).shape[-1]
     with graph.inserting_before(head):
@@ -134,7 +138,7 @@ def prefill_graph(gm: torch.fx.GraphModule, layout: CacheLayout) -> torch.fx.Gra
         index = graph.call_function(aten.expand.default, (index, [-1, 1, width]))
         picked = graph.call_function(aten.gather.default, (hidden, 1, index))
     head.args = (picked, *head.args[1:])
-    _set_output(graph, output, head, fake(head).shape[-1])
+    _set_output(graph, output, logits)
     _prune(graph)
     graph.lint()
     gm.recompile()
@@ -160,8 +164,8 @@ def decode_graph(gm: torch.fx.GraphModule, layout: CacheLayout) -> torch.fx.Grap
             out4 = graph.call_function(aten.unsqueeze.default, (out, 2))
         node.replace_all_uses_with(out4)
         graph.erase_node(node)
-    output, head = _logits(graph)
-    _set_output(graph, output, head, fake(head).shape[-1])
+    output, _, logits = _logits(graph)
+    _set_output(graph, output, logits)
     _prune(graph)
     graph.lint()
     gm.recompile()

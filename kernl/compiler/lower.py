@@ -87,6 +87,10 @@ def _resize(t: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
     return t.repeat(*reps)[:batch, :seq].contiguous()
 
 
+def _on_meta(make_inputs: Callable[[int, int], dict[str, torch.Tensor]]) -> Callable:
+    return lambda batch, seq: {k: v.to("meta") for k, v in make_inputs(batch, seq).items()}
+
+
 @dataclass
 class Rewritten:
     """An exported model's graph after the rewrite passes, before it becomes program entries."""
@@ -122,8 +126,10 @@ def rewrite_model(
     stage = stage or (lambda name: None)
 
     param = next(iter(model.parameters()), None)
-    if param is not None and ((dtype and param.dtype != dtype) or param.device != device):
-        model = copy.deepcopy(model).to(device=device, dtype=dtype)  # leave the caller's model as it was
+    # A model on the meta device (weights read later, kernl.compiler.meta) is exported on meta tensors.
+    meta = param is not None and param.device.type == "meta"
+    if param is not None and ((dtype and param.dtype != dtype) or (param.device != device and not meta)):
+        model = copy.deepcopy(model).to(device=param.device if meta else device, dtype=dtype)  # the caller's stays
     model = model.eval()
     if hasattr(model, "config") and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
@@ -144,15 +150,24 @@ def rewrite_model(
 
     stage("export")
     with torch.no_grad():
-        traced = export_model(model, make_inputs, buckets)
-        eager_out = model(**traced.example)
+        traced = export_model(model, _on_meta(make_inputs) if meta else make_inputs, buckets)
+        # Eager code may read values (HF's mask checks): on meta, the exported graph stands in for it.
+        eager_out = (traced.program.module() if meta else model)(**traced.example)
     ep = traced.program
 
     stage("rewrite")
     gm = ep.graph_module
     weights = _weights(ep)
     user_inputs = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
-    report = run_passes(gm, weights)
+    if meta:  # the weights the passes make are recorded, to be made again from the checkpoint's tensors
+        from kernl.compiler import meta as _meta
+
+        sources = {s.arg.name: s.target for s in ep.graph_signature.input_specs if s.kind != InputKind.USER_INPUT}
+        with _meta.recording(weights, sources) as recorder:
+            report = run_passes(gm, weights)
+        weights = _meta.lazy_weights(weights, recorder, model)
+    else:
+        report = run_passes(gm, weights)
     return Rewritten(
         model, gm, weights, report, traced.mode, traced.example, eager_out, ep, user_inputs, specs, make_inputs,
         dtype, device,

@@ -20,6 +20,7 @@ from kernl.compiler.generation import (
 )
 from kernl.compiler.lower import rewrite_model
 from kernl.compiler.serialize import generation_spec
+from kernl.compiler.shard import ShardPlan, shard_program
 from kernl.errors import KernlError
 from kernl.runtime.program import ProgramSpec
 
@@ -76,9 +77,15 @@ class LoweredGeneration:
     layout: CacheLayout
     dtype: torch.dtype
     device: torch.device
+    shard: ShardPlan | None = None  # with tensor_parallel > 1: how each rank's weights are made from weights
 
     def weight_list(self) -> list[torch.Tensor]:
+        """The program's weights in order (unsharded: see rank_weights for a tensor-parallel one)."""
         return [self.weights[name] for name in self.spec.weights]
+
+    def rank_weights(self, rank: int) -> dict[str, torch.Tensor]:
+        """The weights rank holds, by name: all of them without tensor parallelism."""
+        return self.weights if self.shard is None else self.shard.weights_for(self.weights, rank)
 
 
 def _input_spec(name: str, rank: int) -> dict:
@@ -98,8 +105,13 @@ def lower_generation(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     stage: Callable[[str], None] | None = None,
+    tensor_parallel: int = 1,
 ) -> LoweredGeneration:
-    """Export model's forward(input_ids, position_ids) once and derive its prefill and decode entries."""
+    """Export model's forward(input_ids, position_ids) once and derive its prefill and decode entries.
+
+    tensor_parallel: the graph is split over this many ranks (kernl.compiler.shard) before the entries are
+    derived from it, so both entries, and their caches (heads_kv / tensor_parallel heads), are per rank.
+    """
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
     if vocab < 1:
         raise KernlError(f"{type(model).__name__}: no config.vocab_size; text generation needs a causal LM")
@@ -114,7 +126,10 @@ def lower_generation(
     if rw.mode == "static" or rw.user_inputs != list(GENERATION_INPUTS):
         raise KernlError(f"{type(model).__name__}: generation needs forward(input_ids, position_ids) exported with "
                          f"dynamic batch and length (got {rw.mode}, inputs {rw.user_inputs})")  # fmt: skip
-    gm = rw.gm
+    gm, report, shard = rw.gm, rw.report, None
+    if tensor_parallel != 1:
+        shard = shard_program(gm, rw.weights, tensor_parallel)
+        report = dict(sorted({**report, **shard.report}.items()))
     bind_device(gm.graph)
     gm.recompile()
     layout = cache_layout(gm)
@@ -122,7 +137,7 @@ def lower_generation(
     entries = {PREFILL: prefill_graph(gm, layout), DECODE: decode_graph(gm, layout)}
     from kernl import __version__
 
-    source = generation_source(entries, model_name=type(rw.model).__name__, version=__version__, report=rw.report)
+    source = generation_source(entries, model_name=type(rw.model).__name__, version=__version__, report=report)
     spec = generation_spec(
         {name: (g, ENTRY_INPUTS[name]) for name, g in entries.items()},
         weights=weight_names,
@@ -130,5 +145,5 @@ def lower_generation(
         outputs=[{"name": "logits", "dims": ["batch", vocab]}],
     )
     return LoweredGeneration(
-        rw.model, spec, source, rw.weights, rw.report, rw.mode, settings, layout, rw.dtype, rw.device
+        rw.model, spec, source, rw.weights, report, rw.mode, settings, layout, rw.dtype, rw.device, shard
     )

@@ -6,8 +6,8 @@ and V heads, or of the MLP's intermediate features). The linear reading that sli
 rank multiplies its slice by the matching rows of the weight, and one all-reduce sums the ranks' partial
 outputs. Attention heads (query and key/value heads alike) are split across ranks, so every reshape
 between the projections and attention gets the per-rank head count: a constant, the same on every rank.
-So the ranks share one program; only their weights differ. Everything else (embeddings, norms, the LM
-head) is replicated: the embedding and LM head are not split by vocabulary.
+So the ranks share one program; only their weights differ. Norms are replicated; a large embedding and LM
+head are split by vocabulary (kernl.compiler.shard_vocab), smaller ones replicated.
 
 What matches is found from the graph's data flow, not from module names: a candidate linear whose output
 reaches an op this pass cannot split (a residual add, the program's output) stays whole. What cannot be
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
+from kernl.compiler import shard_vocab
 from kernl.compiler.passes._fx import VIEW_OPS, fake, infer_val, same_size
 from kernl.compiler.shard_dims import (
     POINTWISE,
@@ -58,13 +59,21 @@ class Scaled:
     """A weight every rank holds divided by the world size: a row-parallel bias, summed back by the all-reduce."""
 
 
+@dataclass(frozen=True)
+class Offset:
+    """A per-rank constant: rank r holds [r * rows] (where its slice of a vocabulary-parallel table starts)."""
+
+    rows: int
+
+
 @dataclass
 class ShardPlan:
     """How the (shared) sharded program's weights are made for each rank, from the unsharded ones."""
 
     world_size: int
-    rules: dict[str, Split | Scaled] = field(default_factory=dict)  # weights absent here are replicated
+    rules: dict[str, Split | Scaled | Offset] = field(default_factory=dict)  # weights absent here are replicated
     report: dict[str, int] = field(default_factory=dict)
+    vocab: dict = field(default_factory=dict)  # the vocabulary-parallel decision (kernl.compiler.shard_vocab)
 
     def shard(self, name: str, tensor: torch.Tensor, rank: int) -> torch.Tensor:
         """Rank rank's part of weight name (a contiguous tensor; a replicated weight is returned as it is)."""
@@ -74,6 +83,8 @@ class ShardPlan:
         if rule is None:
             return tensor
         with torch.no_grad():
+            if isinstance(rule, Offset):
+                return torch.full((1,), rank * rule.rows, dtype=torch.int64, device=tensor.device)
             if isinstance(rule, Scaled):
                 return tensor / self.world_size
             parts, start = [], 0
@@ -93,7 +104,11 @@ class ShardPlan:
             name: {"dim": r.dim, "blocks": list(r.segments)} for name, r in self.rules.items() if isinstance(r, Split)
         }
         scaled = sorted(name for name, r in self.rules.items() if isinstance(r, Scaled))
-        return {"world_size": self.world_size, "split": split, "scaled": scaled}
+        out = {"world_size": self.world_size, "split": split, "scaled": scaled}
+        if self.vocab:
+            offsets = {name: r.rows for name, r in self.rules.items() if isinstance(r, Offset)}
+            out["vocab_parallel"] = {**self.vocab, "offsets": offsets}
+        return out
 
 
 def _placeholder(node, weights: Mapping) -> bool:
@@ -369,6 +384,24 @@ def _sum_partials(graph: torch.fx.Graph, row: torch.fx.Node) -> None:
         user.replace_input_with(row, last)
 
 
+def _split_vocab(graph: torch.fx.Graph, weights: Mapping[str, torch.Tensor], plan: ShardPlan) -> list:
+    """The vocabulary-parallel LM head and embedding (shard_vocab), their rules added to plan; returns the nodes
+    whose fake values change."""
+    split, offsets, nodes, plan.vocab = shard_vocab.split_vocab(
+        graph, weights, plan.world_size, shard_vocab.VOCAB_PARALLEL_MIN_BYTES
+    )
+    for name, dim in split.items():
+        plan.rules[name] = Split(dim, (fake(next(n for n in graph.nodes if n.name == name)).shape[dim],))
+    for name, rows in offsets.items():
+        plan.rules[name] = Offset(rows)
+        if hasattr(weights, "add"):  # LazyWeights (a model on meta): made when its file is written
+            weights.add(name, torch.zeros(1, dtype=torch.int64))
+        else:  # beside the other weights, on their device; each rank's own value comes from ShardPlan.shard
+            device = next(iter(weights.values())).device
+            weights[name] = torch.zeros(1, dtype=torch.int64, device=device)
+    return nodes
+
+
 def shard_program(gm: torch.fx.GraphModule, weights: Mapping[str, torch.Tensor], world_size: int) -> ShardPlan:
     """Rewrite gm (after run_passes) into the program every rank of world_size runs; returns how each rank's
     weights are made from weights (placeholder name -> unsharded tensor, left as it is).
@@ -389,6 +422,7 @@ def shard_program(gm: torch.fx.GraphModule, weights: Mapping[str, torch.Tensor],
         edit(world_size)
     for row in prop.rows:
         _sum_partials(graph, row)
+    vocab_nodes = _split_vocab(graph, weights, plan)
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
     for name, rule in plan.rules.items():
         node, val = placeholders[name], placeholders[name].meta.get("val")
@@ -397,7 +431,7 @@ def shard_program(gm: torch.fx.GraphModule, weights: Mapping[str, torch.Tensor],
             shape[rule.dim] //= world_size
             with val.fake_mode:
                 node.meta["val"] = torch.empty(shape, dtype=val.dtype, device=val.device)
-    changed = set(prop.shards) | set(prop.rows)
+    changed = set(prop.shards) | set(prop.rows) | set(vocab_nodes)
     for node in graph.nodes:
         if (
             node in changed
@@ -411,7 +445,9 @@ def shard_program(gm: torch.fx.GraphModule, weights: Mapping[str, torch.Tensor],
     report: Counter[str] = Counter()
     report["tp_column_parallel"] = sum(1 for n in prop.columns if prop.shards.get(n) is not None)
     report["tp_row_parallel"] = len(prop.rows)
-    report["tp_all_reduce"] = len(prop.rows)
+    report["tp_all_reduce"] = len(prop.rows) + len(plan.vocab["embedding"])
     report["tp_attention"] = sum(1 for n in prop.shards if n.target is kernl_ops.attention.default)
+    report["tp_vocab_embedding"] = len(plan.vocab["embedding"])
+    report["tp_vocab_lm_head"] = len(plan.vocab["lm_head"])
     plan.report = dict(sorted(report.items()))
     return plan

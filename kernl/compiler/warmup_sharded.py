@@ -64,6 +64,34 @@ def warm_up_sharded(
     return checks
 
 
+def warm_up_unchecked(
+    forward: Callable,
+    plan: ShardPlan | None,
+    weights: Mapping[str, torch.Tensor],
+    weight_names: Sequence[str],
+    make_inputs: Callable[[int, int], dict[str, torch.Tensor]],
+    buckets: Sequence[tuple[int, int]],
+    device: torch.device,
+    input_names: Sequence[str],
+    on_bucket: Callable[[tuple[int, int]], None] | None = None,
+) -> list[dict]:
+    """Each bucket run once by rank 0 alone, on its own weights, so Triton compiles and tunes the kernels; nothing
+    is compared (a model on the meta device has no eager outputs: kernl.compiler.meta), and each check says so."""
+    mine = [(w if plan is None else plan.shard(n, w, 0)).to(device) for n, w in ((n, weights[n]) for n in weight_names)]
+    checks = []
+    for batch, seq in buckets:
+        if on_bucket is not None:
+            on_bucket((batch, seq))
+        inputs = make_inputs(batch, seq)
+        with torch.no_grad(), torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+            args = [*mine, *(inputs[n] for n in input_names)]
+            ThreadRanks(1).run(lambda rank, args=args: forward(device, *args))
+        checks.append({"bucket": [batch, seq], "eager": "skipped: the model is on the meta device"})
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return checks
+
+
 @contextlib.contextmanager
 def _no_interpreter() -> Iterator[None]:
     """Triton's interpreter (CPU, in tests) patches module globals while it runs a kernel, so threads cannot share

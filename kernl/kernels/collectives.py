@@ -1,4 +1,5 @@
-"""Collectives of a tensor-parallel program: the sum over ranks after each row-parallel linear.
+"""Collectives of a tensor-parallel program: the sum over ranks after each row-parallel linear (and after a
+vocabulary-parallel embedding's lookup), and the gather of a vocabulary-parallel LM head's logits.
 
 torch.distributed does the work (NCCL on GPUs, gloo on CPU), over the default process group. On the
 current CUDA stream, NCCL's all_reduce is captured by a CUDA graph like any kernel, so a rank's graph holds
@@ -64,6 +65,42 @@ def _(x):
     return torch.empty_like(x)
 
 
+def all_gather(x: torch.Tensor, world: int) -> torch.Tensor:
+    """The ranks' x side by side along the last dim, in rank order: [..., n] on each rank → [..., world * n].
+
+    x: any shape, the same on every rank. world: the number of ranks, written into the program by the sharding
+    pass (it fixes the output's shape); a process group of another size raises ValueError. The vocabulary-parallel
+    LM head gathers each rank's slice of the logits with it.
+    """
+    ranks = getattr(_thread, "ranks", None)
+    if ranks is not None:
+        return ranks.all_gather(x, world)
+    got = world_size()
+    if got != world:
+        raise ValueError(f"world: the program gathers over {world} ranks, the process group has {got}")
+    if world == 1:
+        return x.clone()
+    x = x.contiguous()
+    out = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)
+    if dist.get_backend() == "nccl":
+        dist.all_gather_into_tensor(out, x)  # one collective, captured by a CUDA graph like all_reduce
+    else:
+        dist.all_gather(list(out.unbind(0)), x)
+    return out.movedim(0, -2).reshape(*x.shape[:-1], world * x.shape[-1])
+
+
+def all_gather_call(x: torch.Tensor, world: int) -> torch.Tensor:
+    return all_gather(x, world)
+
+
+all_gather_op = custom_op("kernl::all_gather", all_gather, mutates_args=())
+
+
+@all_gather_op.register_fake
+def _(x, world):
+    return x.new_empty((*x.shape[:-1], world * x.shape[-1]))
+
+
 class ThreadRanks:
     """world_size ranks as threads of this process, for checking a sharded program where it is compiled.
 
@@ -86,6 +123,17 @@ class ThreadRanks:
         self._barrier.wait()  # no rank overwrites its part before every rank has read them all
         x.copy_(total)  # in place, as the process-group sum
         return x
+
+    def all_gather(self, x: torch.Tensor, world: int) -> torch.Tensor:
+        if self.world_size == 1:  # rank 0 alone, compiling the kernels: its slice stands for every rank's
+            return torch.cat([x] * world, dim=-1)
+        if world != self.world_size:
+            raise ValueError(f"world: the program gathers over {world} ranks, the threads are {self.world_size}")
+        self._parts[_thread.rank] = x
+        self._barrier.wait()
+        out = torch.cat(list(self._parts), dim=-1)
+        self._barrier.wait()
+        return out
 
     def run(self, fn: Callable[[int], object]) -> Sequence:
         """fn(rank) for every rank, each in its own thread (one rank runs in the caller's), in the caller's

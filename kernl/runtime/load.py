@@ -113,6 +113,9 @@ def load(
     phase("graphs_s")
     bundle.signed_by = signer
     bundle.rank, bundle.world_size = placement.rank, placement.world_size
+    if placement.world_size > 1:
+        bundle.shared_seed = placement.same_seed
+        bundle.placement = placement
     bundle.load_timings = {**timings, **bundle.load_timings}
     return bundle
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,21 @@ class Placement:
         failed = next(((r, e) for r, e in enumerate(errors) if e is not None), None)
         if failed is not None:
             raise BundleError(f"tensor parallel: rank {failed[0]} failed to load: {failed[1]}")
+
+    def same_seed(self, seed: int | None) -> int | None:
+        """Rank 0's seed on every rank (a fresh random one when rank 0 gave None): ranks that sample from the
+        same logits with the same seed pick the same tokens, so the next step's inputs agree. A host broadcast
+        over the gloo group, made by every rank at the same call."""
+        if self.world_size == 1:
+            return seed
+        if self.rank == 0 and seed is None:
+            seed = random.SystemRandom().randrange(2**62)
+        box = [seed]
+        try:
+            dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+        except RuntimeError as err:
+            raise BundleError(f"tensor parallel: rank 0 did not send its seed in time ({err})") from None
+        return box[0]
 
 
 def bundle_world_size(manifest: dict[str, Any]) -> int:

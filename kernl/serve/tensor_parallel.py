@@ -16,8 +16,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import inspect
+import logging
 import os
+import random
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,7 +30,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kernl.errors import KernlError
+
+_log = logging.getLogger("kernl.serve")
 _LOCKS = (type(threading.Lock()), type(threading.RLock()))
+_SAMPLING_CALLS = frozenset({"generate", "stream", "request"})  # take do_sample= and seed=
+_HOST_ONLY = frozenset({"tokenizer"})  # attributes that do no device work: rank 0's own, not mirrored
 _FOREVER = datetime.timedelta(days=365)  # followers wait for rank 0's next call as long as the server runs
 
 
@@ -115,15 +125,19 @@ class Mirror:
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._target, name)
-        if callable(value) and not isinstance(value, type):
-            return lambda *args, **kwargs: self._call(name, args, kwargs)
-        if _plain(value):
+        if _plain(value) or name in _HOST_ONLY:
             return value
+        if inspect.ismethod(value) or inspect.isbuiltin(value) or inspect.isfunction(value):
+            return lambda *args, **kwargs: self._call(name, args, kwargs)
         with self._channel.lock:  # a live attribute (a batch's generator): both sides number it
             oid = self._channel.send_numbered(("attr", self._oid, name, (), {}))
             return self._channel.wrap(value, oid)
 
     def _call(self, name: str, args: tuple, kwargs: dict) -> Any:
+        if name in _SAMPLING_CALLS and kwargs.get("do_sample") and kwargs.get("seed") is None:
+            # Every rank samples with rank 0's seed: the same tokens from the same logits, so the ranks' next
+            # steps agree (a rank seeding itself at random would not).
+            kwargs = {**kwargs, "seed": random.SystemRandom().randrange(2**62)}
         with self._channel.lock:
             oid = self._channel.send_numbered(("call", self._oid, name, _to_host(args), _to_host(kwargs)))
             result = getattr(self._target, name)(*_resolve(args, {}), **_resolve(kwargs, {}))
@@ -181,7 +195,9 @@ def follow(bundle: Any, group, src: int = 0) -> None:
                 result = getattr(target, name)
             else:
                 result = getattr(target, name)(*_resolve(args, objects), **_resolve(kwargs, objects))
-        except BaseException:  # noqa: BLE001 - rank 0 raised the same and answers for it
+        except BaseException as err:  # noqa: BLE001 - rank 0 raised the same and answers for it
+            if not isinstance(err, (StopIteration, KernlError)):
+                _log.warning("rank %d: %s(...) raised %r", dist.get_rank(), name, err, exc_info=True)
             continue
         if not _plain(result):
             objects[mine] = result
@@ -193,9 +209,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, bundle: str, device: str | None, trusted_keys, env: dict) -> None:
-    os.environ.update(env)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+def _follower(rank: int, world_size: int, bundle: str, device: str | None, trusted_keys) -> None:
+    """A rank > 0: load its part, then follow rank 0's calls until it stops."""
     import kernl
 
     loaded = kernl.load(bundle, device=device, trusted_keys=trusted_keys, rank=rank, world_size=world_size)
@@ -215,35 +230,32 @@ def serve_tensor_parallel(
     trusted_keys: list | None = None,
 ) -> None:
     """Load bundle on world_size ranks of this host and call serve(bundle) in this process, rank 0; the other
-    ranks are processes started here (one GPU each, cuda:<rank>) that follow rank 0's calls. When serve returns
-    (the server shut down) or raises, the other ranks stop and are joined.
+    ranks are processes started here (python -m kernl.serve.tensor_parallel; one GPU each, cuda:<rank>) that
+    follow rank 0's calls. When serve returns (the server shut down) or raises, the other ranks stop and are
+    joined.
 
     Under torchrun (RANK and WORLD_SIZE set), no process is started: rank 0 serves, the others follow.
     """
-    import torch.multiprocessing as mp
-
     import kernl
 
     bundle = os.fspath(bundle)
+    trusted = [os.fspath(k) for k in trusted_keys] if trusted_keys else None
     torchrun = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == world_size
     procs = []
     if not torchrun:
-        env = {"MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
-               "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))}  # fmt: skip
-        os.environ.update(env)
-        context = mp.get_context("spawn")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        env = {**os.environ, "WORLD_SIZE": str(world_size)}
         for rank in range(1, world_size):
-            proc = context.Process(
-                target=_rank_main, args=(rank, world_size, bundle, device, trusted_keys, env), daemon=True
-            )
-            proc.start()
-            procs.append(proc)
+            cmd = [sys.executable, "-m", "kernl.serve.tensor_parallel", bundle, str(rank), str(world_size)]
+            cmd += ["--device", device or ""] + [a for k in trusted or [] for a in ("--trusted-key", k)]
+            procs.append(subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
     rank = int(os.environ["RANK"]) if torchrun else 0
     try:
         if rank != 0:
-            _rank_main(rank, world_size, bundle, device, trusted_keys, {})
+            _follower(rank, world_size, bundle, device, trusted)
             return
-        loaded = kernl.load(bundle, device=device, trusted_keys=trusted_keys, rank=0, world_size=world_size)
+        loaded = kernl.load(bundle, device=device, trusted_keys=trusted, rank=0, world_size=world_size)
         group = dist.new_group(backend="gloo", timeout=_FOREVER)
         mirrored = lead(loaded, group)
         try:
@@ -253,6 +265,28 @@ def serve_tensor_parallel(
             dist.destroy_process_group()
     finally:
         for proc in procs:
-            proc.join(timeout=60)
-            if proc.is_alive():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _main(argv: list[str]) -> None:
+    """python -m kernl.serve.tensor_parallel BUNDLE RANK WORLD_SIZE [--device D] [--trusted-key K]...: a follower
+    rank, started by serve_tensor_parallel (MASTER_ADDR and MASTER_PORT in the environment)."""
+    bundle, rank, world_size, rest = argv[0], int(argv[1]), int(argv[2]), argv[3:]
+    device, trusted = None, []
+    while rest:
+        flag, value, rest = rest[0], rest[1], rest[2:]
+        if flag == "--device":
+            device = value or None
+        elif flag == "--trusted-key":
+            trusted.append(value)
+    _follower(rank, world_size, bundle, device, trusted or None)
+
+
+if __name__ == "__main__":
+    # The module's own copy, not __main__'s: references pickled by rank 0 name kernl.serve.tensor_parallel._Ref.
+    from kernl.serve.tensor_parallel import _main as main
+
+    main(sys.argv[1:])

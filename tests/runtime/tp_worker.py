@@ -4,6 +4,7 @@ on the case's inputs and saves its outputs. Used by tests/runtime/test_tensor_pa
 
     python -m tests.runtime.tp_worker CASE_DIR OUT_DIR
     python -m tests.runtime.tp_worker --bundle BUNDLE INPUTS_FILE OUT_DIR   (kernl.load, as an application would)
+    python -m tests.runtime.tp_worker --generate BUNDLE PROMPTS_FILE OUT_DIR (greedy, seeded and unseeded sampling)
 """
 
 from __future__ import annotations
@@ -68,6 +69,27 @@ def run_bundle(bundle: str, inputs_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def run_generate(bundles: str, prompts_file: str, out_dir: str) -> None:
+    """Generation bundles (comma-separated) under torchrun's environment: greedy, sampled with a seed, and sampled
+    without one (rank 0's random seed shared), each rank's tokens saved by bundle."""
+    import kernl
+
+    case = torch.load(prompts_file, weights_only=True)
+    ids, fixed = case["input_ids"], dict(max_new_tokens=int(case["max_new_tokens"]), eos_token_id=[])
+    sample = dict(do_sample=True, temperature=1.5, top_k=0, top_p=1.0)
+    results = {}
+    try:
+        for i, bundle in enumerate(bundles.split(",")):
+            loaded = kernl.load(bundle, timeout_s=60)
+            results[f"{i}/greedy"] = loaded.generate(ids, **fixed)
+            results[f"{i}/seeded"] = loaded.generate(ids, seed=7, **sample, **fixed)
+            results[f"{i}/unseeded"] = loaded.generate(ids, **sample, **fixed)
+            results[f"{i}/stream"] = torch.stack(list(loaded.stream(ids, **fixed)), dim=1)
+        torch.save(results, os.path.join(out_dir, f"out.rank{loaded.rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
 def _error(kind: type, fn, *args) -> str:
     try:
         fn(*args)
@@ -79,5 +101,7 @@ def _error(kind: type, fn, *args) -> str:
 if __name__ == "__main__":
     if sys.argv[1] == "--bundle":
         run_bundle(*sys.argv[2:5])
+    elif sys.argv[1] == "--generate":
+        run_generate(*sys.argv[2:5])
     else:
         run_cases(sys.argv[1], sys.argv[2])

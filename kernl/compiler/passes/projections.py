@@ -8,6 +8,7 @@ turns the wide aten.linear into kernl.linear.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 from collections import Counter, defaultdict
@@ -38,13 +39,20 @@ def _fusable(node: torch.fx.Node, ctx: PassContext) -> bool:
     return bias is None or (b is not None and b.shape == weight.shape[:1] and b.dtype == x.dtype)
 
 
+MAX_NAME = 200  # weight names are manifest entries (at most 512 characters)
+
+
 def _fused_name(nodes: list[torch.fx.Node]) -> str:
     """p_layers_0_self_attn_{q,k,v}_proj_weight → p_layers_0_self_attn_fused_q_k_v_proj_weight."""
     names = [n.name for n in nodes]
     prefix = os.path.commonprefix(names)
     suffix = os.path.commonprefix([n[len(prefix) :][::-1] for n in names])[::-1]
     middles = [n[len(prefix) : len(n) - len(suffix)] for n in names]
-    return f"{prefix}fused_{'_'.join(middles)}{suffix}"
+    name = f"{prefix}fused_{'_'.join(middles)}{suffix}"
+    if len(name) > MAX_NAME:  # e.g. every decoder layer's cross k/v projection of one encoder output
+        digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+        name = f"{prefix[: MAX_NAME // 2]}fused_{len(names)}_{digest}{suffix[-MAX_NAME // 4 :]}"
+    return name
 
 
 def _common_module_stack(group: list[torch.fx.Node]) -> dict | None:

@@ -1,0 +1,261 @@
+"""Tensor-parallel decode at batch 1: tokens/s of a Llama-geometry generation program split over N GPUs, the cost
+of one all-reduce, and the bandwidth floor, as JSON.
+
+Each rank builds only its own shard: the model is exported on the meta device (no weights anywhere), sharded,
+and each rank makes random weights of its shard's shapes on its GPU (replicated weights from a per-tensor seed, so
+every rank holds the same norms and logits agree). Nothing is written to disk; kernels compile at the first call.
+
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/tp_decode.py --out results/tp_decode_8b_tp2.json
+    python benchmarks/tp_decode.py --out tp1.json                                   (one GPU, the baseline)
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 4 benchmarks/tp_decode.py --geometry 70b --layers 20 --out ...
+    torchrun --nproc-per-node 2 benchmarks/tp_decode.py --device cpu --layers 2 --hidden 128 --intermediate 256 \
+        --vocab 512 --heads 4 --kv-heads 2 --prompt 16 --new-tokens 8 --out /tmp/tp.json   (logic check, gloo)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+GEOMETRIES = {
+    "8b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256),
+    "70b": dict(hidden=8192, layers=80, heads=64, kv_heads=8, intermediate=28672, vocab=128256),
+}
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--geometry", choices=sorted(GEOMETRIES), default="8b")
+    for name in ("layers", "hidden", "heads", "kv-heads", "intermediate", "vocab"):
+        p.add_argument(f"--{name}", type=int, default=None, help="override the geometry's")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="cuda: bf16, cpu: fp32")
+    p.add_argument("--out", type=Path, required=True)
+    return p.parse_args()
+
+
+def geometry(args: argparse.Namespace) -> dict:
+    g = dict(GEOMETRIES[args.geometry])
+    for key in g:
+        value = getattr(args, key)
+        if value is not None:
+            g[key] = value
+    return g
+
+
+def start_ranks(device_type: str) -> tuple[int, int, torch.device]:
+    """torchrun's rank (or one process without it), its device, the process group started."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device_type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=900))
+    return rank, world, device
+
+
+def lower(g: dict, dtype: torch.dtype, device: torch.device, world: int, prompt: int, new: int):
+    """Export on meta and shard: the per-rank program, its cache, and how each weight is split."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kernl.compiler.lower_generation import GenerationSettings, lower_generation
+
+    config = LlamaConfig(
+        vocab_size=g["vocab"], hidden_size=g["hidden"], num_hidden_layers=g["layers"],
+        num_attention_heads=g["heads"], num_key_value_heads=g["kv_heads"], intermediate_size=g["intermediate"],
+        max_position_embeddings=max(8192, prompt + new + 1), rope_theta=500000.0, tie_word_embeddings=False,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    settings = GenerationSettings.checked(prompt + new + 1, [1], [prompt])
+    return lower_generation(model, settings, dtype=dtype, device=device, tensor_parallel=world)
+
+
+def rank_weights(low, rank: int, device: torch.device) -> list[torch.Tensor]:
+    """This rank's weights, made on device one at a time: real buffers (rotary frequencies) as the model computes
+    them, 1-D weights (norms) ones, the rest N(0, 0.02) from a seed per tensor (and per rank, for split ones)."""
+    from kernl.compiler.shard import Offset, Split
+
+    lazy, plan = low.weights, low.shard
+    out = []
+    for name in low.spec.weights:
+        meta = lazy.shapes[name]
+        rule = plan.rules.get(name) if plan is not None else None
+        recipe = lazy.recipes[name]
+        if isinstance(rule, Offset):
+            out.append(plan.shard(name, torch.zeros(1, dtype=torch.int64, device=device), rank))
+            continue
+        if recipe[0] == "source" and recipe[1] in lazy.buffers:
+            out.append(lazy.buffers[recipe[1]].to(device))
+            continue
+        shape = list(meta.shape)
+        if isinstance(rule, Split):
+            shape[rule.dim] //= plan.world_size
+        if meta.dim() == 1:
+            out.append(torch.ones(shape, dtype=meta.dtype, device=device))
+            continue
+        seed = zlib.crc32(f"{name}/{rank if isinstance(rule, Split) else 'all'}".encode())
+        gen = torch.Generator(device).manual_seed(seed)
+        out.append((torch.randn(shape, generator=gen, device=device, dtype=meta.dtype) * 0.02).to(meta.dtype))
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_rate(gen, vocab: int, prompt: int, new: int, repeats: int, device: torch.device) -> dict:
+    """Median seconds of generate with 1 and with new tokens (the same prompt on every rank); their difference is
+    new - 1 decode steps."""
+    ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(1))
+
+    def run(n: int) -> float:
+        req = gen.request(ids, None, max_new_tokens=n, eos_token_id=[])
+        sync(device)
+        start = time.perf_counter()
+        gen.run(req)
+        sync(device)
+        return time.perf_counter() - start
+
+    run(new)  # warm: every graph captured, every kernel compiled
+    first = statistics.median(run(1) for _ in range(repeats))
+    full = statistics.median(run(new) for _ in range(repeats))
+    step = (full - first) / (new - 1)
+    return {"prefill_s": first, "generate_s": full, "decode_ms_per_token": step * 1e3, "decode_tokens_per_s": 1 / step}
+
+
+def all_reduce_us(hidden: int, dtype: torch.dtype, device: torch.device, world: int, calls: int = 100) -> float:
+    """Microseconds of one all-reduce of [1, hidden], as the decode step makes it: captured in a CUDA graph."""
+    if world == 1:
+        return 0.0
+    x = torch.zeros(1, hidden, dtype=dtype, device=device)
+    if device.type != "cuda":
+        dist.all_reduce(x)
+        start = time.perf_counter()
+        for _ in range(calls):
+            dist.all_reduce(x)
+        return (time.perf_counter() - start) / calls * 1e6
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        dist.all_reduce(x)  # the communicator starts outside the capture
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        for _ in range(calls):
+            dist.all_reduce(x)
+    graph.replay()
+    torch.cuda.synchronize(device)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(10):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / (10 * calls) * 1e3
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2**30) -> float:
+    """Bytes per second of a device copy, reads and writes counted (DESIGN.md's "copy bandwidth")."""
+    if device.type != "cuda":
+        nbytes = 2**26
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    sync(device)
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times)
+
+
+def main() -> None:
+    args = parse()
+    rank, world, device = start_ranks(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    g = geometry(args)
+    from kernl.kernels.session import compile_session
+    from kernl.runtime.generation import Generator, Settings
+
+    t0 = time.perf_counter()
+    low = lower(g, dtype, device, world, args.prompt, args.new_tokens)
+    t_lower = time.perf_counter() - t0
+    weights = rank_weights(low, rank, device)
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+    settings = Settings(low.settings.max_length, [1], [args.prompt], g["vocab"], [], None)
+    with compile_session() as _:  # kernels compile and tune at their first call, as at compile time
+        gen = Generator(low.spec, weights, device, settings, cuda_graphs=device.type == "cuda")
+        t1 = time.perf_counter()
+        gen.capture()
+        t_capture = time.perf_counter() - t1
+        rate = decode_rate(gen, g["vocab"], args.prompt, args.new_tokens, args.repeats, device)
+    ar_us = all_reduce_us(g["hidden"], dtype, device, world)
+    bandwidth = copy_bandwidth(device)
+    floor_ms = weight_bytes / bandwidth * 1e3
+    vocab = low.shard.describe().get("vocab_parallel", {}) if low.shard is not None else {}
+    result = {
+        "benchmark": "tp_decode",
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "versions": {"torch": torch.__version__, "triton": _version("triton")},
+        "world_size": world,
+        "geometry": {**g, "name": args.geometry, "dtype": str(dtype).removeprefix("torch.")},
+        "batch": 1,
+        "prompt": args.prompt,
+        "new_tokens": args.new_tokens,
+        **rate,
+        "all_reduce_us": ar_us,
+        "all_reduces_per_step": low.report.get("tp_all_reduce", 0),
+        "all_gathers_per_step": low.report.get("tp_vocab_lm_head", 0),
+        "vocab_parallel": {"embedding": bool(vocab.get("embedding")), "lm_head": bool(vocab.get("lm_head"))},
+        "weight_bytes_per_rank": weight_bytes,
+        "cache_bytes_per_rank": sum(t.numel() * t.element_size() for t in gen.state),
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "floor_ms_per_token": floor_ms,
+        "fraction_of_floor": floor_ms / rate["decode_ms_per_token"],
+        "seconds": {"export_and_shard": t_lower, "capture_and_kernels": t_capture, "total": time.perf_counter() - t0},
+    }
+    everyone = [None] * world
+    if world > 1:
+        dist.all_gather_object(everyone, result["decode_tokens_per_s"])
+        result["ranks_tokens_per_s"] = everyone
+    if rank == 0:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+if __name__ == "__main__":
+    main()
