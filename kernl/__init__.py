@@ -34,12 +34,17 @@ def compile(
 
     generation: a dict {max_length, batch_sizes, seq_lens?} makes a text-generation bundle (prefill per
     (batch, prompt length) bucket, decode step per batch size, KV cache of max_length); its seq_lens default
-    to the buckets' lengths.
+    to the buckets' lengths. For an encoder-decoder model (config.is_encoder_decoder: T5, BART-like, Whisper) it
+    makes an encode entry and a decode step, with num_beams (the most beams a call may ask for) and seq_lens
+    bucketing the encoder's text input (Whisper's window is fixed); option feature_extractor (Whisper's, else the
+    default for the model's mel bins) stores the log-mel settings so generate(audio=...) works.
     options: tokenizer (saved into the bundle), overwrite (replace an existing output_dir), archive (also
     write the one-file form, output_dir + ".kernl"), progress (a callable given each stage's name),
     metadata (extra JSON entries for the manifest, e.g. {"task": ...}), sign_key (an Ed25519 private key, PEM
     path or bytes, that signs the bundle), tensor_parallel (split the model over this many GPUs of a host:
-    Megatron-style, one program and one weights file per rank; load it under torchrun --nproc-per-node N).
+    Megatron-style, one program and one weights file per rank; load it under torchrun --nproc-per-node N),
+    weights_from (for a model built on the meta device: the folder of safetensors files its weights are read
+    from, one tensor at a time, so the whole model is never in memory).
     """
     generation = options.pop("generation", None)
     if generation is not None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):

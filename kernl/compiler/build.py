@@ -125,6 +125,10 @@ def compile_model(
         if low.shard is not None:
             backend = "nccl" if device.type == "cuda" else "gloo"
             manifest["tensor_parallel"] = {**low.shard.describe(), "backend": backend}
+            if (limit := low.shard.id_limit()) is not None:
+                manifest["inputs"] = [
+                    {**s, "limit": limit} if s["name"] == "input_ids" else s for s in manifest["inputs"]
+                ]
         timed("end")
         manifest["build_seconds"] = timed.seconds()
         manifest.update(metadata)

@@ -98,6 +98,13 @@ class ShardPlan:
         """Every weight of the program as rank rank holds it, by placeholder name."""
         return {name: self.shard(name, tensor, rank) for name, tensor in weights.items()}
 
+    def id_limit(self) -> int | None:
+        """Rows of the whole vocabulary-parallel embedding (each rank holds an equal part), which token ids must
+        stay below; None when no embedding is split. The program reads ids through a shift and a mask, so the
+        runtime cannot find this table itself: the manifest declares it."""
+        rows = [r.rows for r in self.rules.values() if isinstance(r, Offset)]
+        return min(rows) * self.world_size if rows else None
+
     def describe(self) -> dict:
         """JSON for a manifest: the world size and how each split weight was split."""
         split = {

@@ -42,6 +42,7 @@ def test_vocabulary_parallel_ranks_match_the_model(name, monkeypatch):
         low.input_names,
     )  # fmt: skip
     assert check["max_abs_diff"] < 1e-4 and check["ranks_max_abs_diff"] == 0.0
+    assert plan.id_limit() == 98  # declared in the manifest: the runtime refuses ids past the whole table
 
 
 def test_forward_bundle_from_meta_and_checkpoint(tmp_path):
