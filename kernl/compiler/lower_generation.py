@@ -25,6 +25,14 @@ from kernl.errors import KernlError
 from kernl.runtime.program import ProgramSpec
 
 
+def positive(name: str, values) -> tuple[int, ...]:
+    """values sorted and deduplicated; KernlError naming the setting unless they are ints >= 1."""
+    values = sorted(set(values))
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise KernlError(f"{name}: give positive ints, got {values!r}")
+    return tuple(values)
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """What a generation bundle serves: prompts padded to (batch, seq) buckets, decode steps per batch bucket,
@@ -38,12 +46,6 @@ class GenerationSettings:
     def checked(
         cls, max_length: int, batch_sizes: Sequence[int], seq_lens: Sequence[int], model_max: int | None = None
     ) -> GenerationSettings:
-        def positive(name: str, values) -> tuple[int, ...]:
-            values = sorted(set(values))
-            if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
-                raise KernlError(f"{name}: give positive ints, got {values!r}")
-            return tuple(values)
-
         (max_length,) = positive("max_length", [max_length])
         batch_sizes, seq_lens = positive("batch_sizes", batch_sizes), positive("seq_lens", seq_lens)
         if seq_lens[-1] >= max_length:

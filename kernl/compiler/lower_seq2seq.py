@@ -16,6 +16,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from kernl.compiler.codegen import bind_device, generation_source
 from kernl.compiler.decoder_positions import fed_positions, position_embedding
 from kernl.compiler.lower import _weights
+from kernl.compiler.lower_generation import positive
 from kernl.compiler.passes import run_passes
 from kernl.compiler.seq2seq import (
     DECODE,
@@ -59,12 +60,6 @@ class Seq2SeqSettings:
         num_beams: int = 1,
         model_max: int | None = None,
     ) -> Seq2SeqSettings:
-        def positive(name: str, values) -> tuple[int, ...]:
-            values = sorted(set(values))
-            if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
-                raise KernlError(f"{name}: give positive ints, got {values!r}")
-            return tuple(values)
-
         (max_length,) = positive("max_length", [max_length])
         if max_length < 2:
             raise KernlError("max_length: at least 2 (the decoder start token and one new token)")

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kernl.errors import BundleError, InputError
-from kernl.runtime.graphs import _own_cublas_workspace, _side_stream
 from kernl.runtime.program import ProgramSpec
 from kernl.runtime.sampling import SamplingParams, make_generator, mark_seen, sample, seen_tokens, update_done
+from kernl.runtime.steps import capture_step, read_async, wait_read
 
 if TYPE_CHECKING:
     from kernl.runtime.continuous import ContinuousBatch
@@ -147,17 +147,8 @@ class Generator:
     ) -> Request:
         """Check a call's arguments (InputError naming the argument) and turn them into a Request."""
         s = self.settings
-        prompts = _prompts(input_ids, attention_mask)
-        if len(prompts) > s.batch_sizes[-1]:
-            raise InputError(f"input_ids: batch {len(prompts)} is beyond the largest batch bucket {s.batch_sizes[-1]}")
+        prompts = checked_prompts(input_ids, attention_mask, s.batch_sizes[-1], s.seq_lens[-1], self.id_limit)
         longest = max(len(p) for p in prompts)
-        if longest > s.seq_lens[-1]:
-            raise InputError(f"input_ids: a prompt of {longest} tokens is longer than the largest prompt bucket "
-                             f"{s.seq_lens[-1]}")  # fmt: skip
-        for row in prompts:
-            bad = next((t for t in row if not 0 <= t < self.id_limit), None)
-            if bad is not None:
-                raise InputError(f"input_ids: token id {bad} is outside the vocabulary (size {self.id_limit})")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if longest + max_new_tokens > s.max_length:
@@ -217,23 +208,10 @@ class Generator:
         self._advance(logits, rows, greedy, penalty)
 
     def _capture(self, run: Callable[[], Any], generator: bool) -> tuple[torch.cuda.CUDAGraph, Any]:
-        """Warm run on the side stream, then capture run into the shared pool."""
         start = time.perf_counter()
-        side = _side_stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        if generator:
-            graph.register_generator_state(self.rng)
-        _own_cublas_workspace()
-        with torch.cuda.graph(graph, pool=self.pool, stream=side):
-            out = run()
-        torch.cuda.synchronize(self.device)
+        out = capture_step(run, self.device, self.pool, self.rng if generator else None)
         self.timings["capture_s"] += time.perf_counter() - start
-        return graph, out
+        return out
 
     def _decode_graph(self, rows: int, greedy: bool, penalty: bool) -> torch.cuda.CUDAGraph:
         key = (rows, greedy, penalty)
@@ -363,15 +341,15 @@ class Generator:
         with torch.no_grad(), self.scope():
             _, step = self._start(req)
             real = len(req.prompts)
-            pending = self._read_async(self.tokens[:real, 0], self.done[:real])
+            pending = read_async(self.tokens[:real, 0], self.done[:real])
             for _ in range(req.max_new_tokens - 1):
                 step()
-                ready, pending = pending, self._read_async(self.tokens[:real, 0], self.done[:real])
-                tokens, done = _wait(ready)
+                ready, pending = pending, read_async(self.tokens[:real, 0], self.done[:real])
+                tokens, done = wait_read(ready)
                 yield tokens
                 if bool(done.all()):
                     return
-            yield _wait(pending)[0]
+            yield wait_read(pending)[0]
 
     def run(self, req: Request) -> tuple[torch.Tensor, torch.Tensor]:
         """(seq [batch, max_length + 1], produced [batch]) on the host after the request finishes."""
@@ -382,28 +360,10 @@ class Generator:
             for i in range(req.max_new_tokens - 1):
                 step()
                 if (i + 1) % CHECK_EVERY == 0:
-                    if check is not None and bool(_wait(check)[0].all()):
+                    if check is not None and bool(wait_read(check)[0].all()):
                         break
-                    check = self._read_async(self.done[:real])
+                    check = read_async(self.done[:real])
             return self.seq[:real].cpu(), self.step_count[:real].cpu()
-
-    def _read_async(self, *tensors: torch.Tensor):
-        """Host copies of tensors, and an event that marks them ready (no wait now)."""
-        if tensors[0].device.type != "cuda":
-            return [t.clone() for t in tensors], None
-        hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-        for host, t in zip(hosts, tensors):
-            host.copy_(t, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return hosts, event
-
-
-def _wait(read) -> list[torch.Tensor]:
-    values, event = read
-    if event is not None:
-        event.synchronize()
-    return values
 
 
 def output_ids(input_ids, req: Request, seq: torch.Tensor, produced: torch.Tensor) -> torch.Tensor:
@@ -435,6 +395,30 @@ def _padded_params(params: SamplingParams, rows: int) -> SamplingParams:
         if isinstance(t, torch.Tensor):
             out[f.name] = torch.cat([t, t[-1:].expand(pad, *t.shape[1:])])
     return SamplingParams(**out, all_greedy=params.all_greedy)
+
+
+def checked_prompts(
+    input_ids,
+    attention_mask,
+    max_batch: int,
+    max_len: int,
+    id_limit: int,
+    what: str = "a prompt",
+    bucket: str = "prompt bucket",
+) -> list[list[int]]:
+    """The prompts as id lists (see _prompts), InputError unless they fit the largest batch and length buckets and
+    every id is in [0, id_limit)."""
+    prompts = _prompts(input_ids, attention_mask)
+    if len(prompts) > max_batch:
+        raise InputError(f"input_ids: batch {len(prompts)} is beyond the largest batch bucket {max_batch}")
+    longest = max(len(p) for p in prompts)
+    if longest > max_len:
+        raise InputError(f"input_ids: {what} of {longest} tokens is longer than the largest {bucket} {max_len}")
+    for row in prompts:
+        bad = next((t for t in row if not 0 <= t < id_limit), None)
+        if bad is not None:
+            raise InputError(f"input_ids: token id {bad} is outside the vocabulary (size {id_limit})")
+    return prompts
 
 
 def _prompts(input_ids, attention_mask) -> list[list[int]]:

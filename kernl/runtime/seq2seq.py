@@ -27,10 +27,10 @@ import torch
 
 from kernl.errors import BundleError, InputError
 from kernl.runtime.beam import BeamState, beam_step, finalize
-from kernl.runtime.generation import _smallest, _wait
-from kernl.runtime.graphs import _own_cublas_workspace, _side_stream
+from kernl.runtime.generation import _smallest
 from kernl.runtime.program import ProgramSpec
 from kernl.runtime.sampling import SamplingParams, make_generator, sample, update_done
+from kernl.runtime.steps import capture_step, read_async, wait_read
 
 CHECK_EVERY = 8  # decode steps queued between two looks at the done flags
 N_EOS = 4
@@ -318,22 +318,15 @@ class Seq2SeqGenerator:
         return [host], [s.enc_len] * batch
 
     def _texts(self, input_ids, attention_mask) -> tuple[list[torch.Tensor], list[int]]:
-        from kernl.runtime.generation import _prompts
+        from kernl.runtime.generation import checked_prompts
 
         if input_ids is None:
             raise InputError("input_ids: required (this bundle reads text)")
         s = self.settings
-        prompts = _prompts(input_ids, attention_mask)
-        if len(prompts) > s.batch_sizes[-1]:
-            raise InputError(f"input_ids: batch {len(prompts)} is beyond the largest batch bucket {s.batch_sizes[-1]}")
+        prompts = checked_prompts(
+            input_ids, attention_mask, s.batch_sizes[-1], s.seq_lens[-1], self.id_limit, "an input", "bucket"
+        )
         longest = max(len(p) for p in prompts)
-        if longest > s.seq_lens[-1]:
-            raise InputError(f"input_ids: an input of {longest} tokens is longer than the largest bucket "
-                             f"{s.seq_lens[-1]}")  # fmt: skip
-        for row in prompts:
-            bad = next((t for t in row if not 0 <= t < self.id_limit), None)
-            if bad is not None:
-                raise InputError(f"input_ids: token id {bad} is outside the vocabulary (size {self.id_limit})")
         bucket, seq = _smallest(s.batch_sizes, len(prompts)), _smallest(s.seq_lens, longest)
         ids = torch.zeros(bucket, seq, dtype=torch.int64)
         mask = torch.zeros(bucket, seq, dtype=torch.int64)
@@ -347,21 +340,9 @@ class Seq2SeqGenerator:
 
     def _capture(self, run: Callable[[], Any], generator: bool) -> tuple[Any, Any]:
         start = time.perf_counter()
-        side = _side_stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        if generator:
-            graph.register_generator_state(self.rng)
-        _own_cublas_workspace()
-        with torch.cuda.graph(graph, pool=self.pool, stream=side):
-            out = run()
-        torch.cuda.synchronize(self.device)
+        out = capture_step(run, self.device, self.pool, self.rng if generator else None)
         self.timings["capture_s"] += time.perf_counter() - start
-        return graph, out
+        return out
 
     def _encode_entry(self, bucket: tuple[int, int]):
         """(replay, static inputs) of an encoder bucket; inputs: the encoder's, then rows."""
@@ -489,9 +470,9 @@ class Seq2SeqGenerator:
         for i in range(steps):
             step()
             if (i + 1) % CHECK_EVERY == 0:
-                if check is not None and bool(_wait(check)[0].all()):
+                if check is not None and bool(wait_read(check)[0].all()):
                     break
-                check = _read_async(done)
+                check = read_async(done)
 
     def _run_sampling(self, req: Seq2SeqRequest) -> torch.Tensor:
         rows, plen = req.bucket, len(req.prefix)
@@ -532,17 +513,6 @@ class Seq2SeqGenerator:
         self._loop(step, req.max_new_tokens, state.all_done)
         seq, _ = finalize(state)
         return seq.cpu()
-
-
-def _read_async(*tensors: torch.Tensor):
-    if tensors[0].device.type != "cuda":
-        return [t.clone() for t in tensors], None
-    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-    for host, t in zip(hosts, tensors):
-        host.copy_(t, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return hosts, event
 
 
 def _padded(params: SamplingParams, rows: int) -> SamplingParams:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import os
 import socket
@@ -24,6 +25,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from kernl.errors import InputError, KernlError
@@ -72,12 +74,13 @@ def app(
     device: str | None = None,
     trusted_keys: list[str | os.PathLike] | None = None,
     chat_template: str | None = None,
+    idle_dispatch: bool = True,
 ) -> FastAPI:
     """A FastAPI app serving bundle (a path, loaded here with kernl.load(path, device, trusted_keys=...), or a
     loaded kernl Bundle). Serve it with any ASGI server; its lifespan starts the batcher and drains it on
     shutdown. See ServeOptions for the batching options (for a generation bundle, max_batch caps the rows
     generating at once)."""
-    options = ServeOptions(max_batch_delay_ms, max_queue, max_batch, model_name, chat_template)
+    options = ServeOptions(max_batch_delay_ms, max_queue, max_batch, model_name, chat_template, idle_dispatch)
     loaded, name = _load(bundle, device, trusted_keys)
     served = _serve(loaded, options.model_name or name, options)
     return _routes(served)
@@ -128,6 +131,7 @@ def _serve(bundle: Any, name: str, options: ServeOptions) -> Served:
                 max_queue=options.max_queue,
                 max_delay_ms=options.max_batch_delay_ms,
                 observer=metrics,
+                idle_dispatch=options.idle_dispatch,
             )
         )
     dim = _embedding_dim(manifest, pooling)
@@ -150,6 +154,37 @@ def _error(status: int, message: str) -> JSONResponse:
     headers = {"Retry-After": "1"} if status == 503 else None
     body = {"error": {"message": message, "type": kind, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _is_json(content_type: str | None) -> bool:
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+async def _body(request: Request, model: type[BaseModel]) -> Any:
+    """The JSON body as model, as a FastAPI body parameter gives it (the same checks and 422 errors) without
+    FastAPI's dependency solving, a measurable part of a small request's time."""
+    data = raw = await request.body()
+    if _is_json(request.headers.get("content-type")):
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as err:
+            error = {"type": "json_invalid", "loc": ("body", err.pos), "msg": "JSON decode error", "input": {}}
+            raise RequestValidationError([{**error, "ctx": {"error": err.msg}}]) from None
+    if not isinstance(data, dict):
+        msg = "Input should be a valid dictionary or object to extract fields from"
+        raise RequestValidationError([{"type": "model_attributes_type", "loc": ("body",), "msg": msg, "input": data}])
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        errors = err.errors(include_url=False)
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+
+
+def _schema(model: type[BaseModel]) -> dict:
+    """The OpenAPI request body of a route that parses its body itself (_body)."""
+    schema = {"content": {"application/json": {"schema": model.model_json_schema()}}, "required": True}
+    return {"requestBody": schema}
 
 
 def _check_model(served: Served, model: str | None) -> None:
@@ -239,8 +274,9 @@ def _routes(served: Served) -> FastAPI:
 
     if "embeddings" in served.dispatcher.kinds:
 
-        @api.post("/v1/embeddings")
-        async def create_embeddings(body: EmbeddingsBody) -> JSONResponse:
+        @api.post("/v1/embeddings", openapi_extra=_schema(EmbeddingsBody))
+        async def create_embeddings(request: Request) -> JSONResponse:
+            body = await _body(request, EmbeddingsBody)
             _check_model(served, body.model)
             _check_dimensions(body.dimensions, served.dim)
             answer = await served.dispatcher.submit("embeddings", Texts(body.texts(), {}))
@@ -256,8 +292,9 @@ def _routes(served: Served) -> FastAPI:
 
     if "predict" in served.dispatcher.kinds:
 
-        @api.post("/v1/predict")
-        async def predict(body: PredictBody) -> JSONResponse:
+        @api.post("/v1/predict", openapi_extra=_schema(PredictBody))
+        async def predict(request: Request) -> JSONResponse:
+            body = await _body(request, PredictBody)
             _check_model(served, body.model)
             answer = await served.dispatcher.submit("predict", Texts(body.texts(), {"top_k": body.top_k}))
             data = [{"object": "prediction", "index": i, **row} for i, row in enumerate(answer.result)]

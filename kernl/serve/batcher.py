@@ -1,10 +1,13 @@
 """Dynamic batching: requests that arrive within a short window share one bundle call.
 
-Each request is prepared on its own (validated, tokenized) in a thread, then waits in one FIFO queue. The worker
-takes the head request and, for at most max_batch_delay_ms after it arrived, lets later requests of the same
-kind join while their rows and length still fit one bucket; the batch then runs as ONE call in a single worker
-thread (the event loop stays free) and each request gets its own slice back. The queue is the only queue:
-the bundle's lock is never waited on by more than this one thread.
+Each request is prepared on its own (validated, tokenized): on the event loop when its handler says that is
+cheap (a few short texts: a thread hop would cost more), else in a thread; then it waits in one FIFO queue. The
+worker takes the head request and, for at most max_batch_delay_ms after it arrived, lets later requests of the
+same kind join while their rows and length still fit one bucket; the batch then runs as ONE call in a single
+worker thread (the event loop stays free) and each request gets its own slice back. With idle_dispatch (the
+default) a lone request runs at once: when it is the only one waiting and none is being prepared, no other can
+join its window, so waiting it out would only add latency; under load requests pile up while a call runs and
+still form batches. The queue is the only queue: the bundle's lock is never waited on by more than this one thread.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class BatchHandler(Protocol):
     def run(self, items: list[Prepared]) -> list[Any]:
         """One result a request, from ONE bundle call over all their rows (runs in the worker thread)."""
 
+    # Optional: cheap(payload) -> bool, True when prepare(payload) is fast enough to run on the event loop.
+
 
 class BatchObserver(Protocol):
     """What the batcher reports (kernl.serve.metrics.Metrics)."""
@@ -63,6 +68,8 @@ class DynamicBatcher:
 
     handlers: request kind -> BatchHandler. buckets: the bundle's (batch, seq) buckets; a batch is formed only
     while some bucket covers its rows and longest row. max_rows: cap on rows a call (default: the largest batch).
+    idle_dispatch: a request alone in the queue, with none being prepared, runs at once instead of waiting out
+    max_delay_ms (False: every request waits its window, for deployments that always want to batch).
     """
 
     def __init__(
@@ -74,6 +81,7 @@ class DynamicBatcher:
         max_queue: int = 1024,
         max_delay_ms: float = 5.0,
         observer: BatchObserver | None = None,
+        idle_dispatch: bool = True,
     ) -> None:
         self.handlers = dict(handlers)
         self.kinds = frozenset(self.handlers)
@@ -83,6 +91,8 @@ class DynamicBatcher:
         self.max_queue = max_queue
         self.max_delay = max_delay_ms / 1000
         self.observer = observer
+        self.idle_dispatch = idle_dispatch
+        self._preparing = 0  # requests being prepared in a thread: they may still join the head's window
         self._waiting: deque[_Waiting] = deque()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -102,7 +112,17 @@ class DynamicBatcher:
 
     async def submit(self, kind: str, payload: Any) -> Any:
         self._admit()  # refuse at once, before tokenizing, when the queue is already full
-        item = await asyncio.to_thread(self.handlers[kind].prepare, payload)
+        handler = self.handlers[kind]
+        cheap = getattr(handler, "cheap", None)
+        if cheap is not None and cheap(payload):
+            item = handler.prepare(payload)
+        else:
+            self._preparing += 1
+            try:
+                item = await asyncio.to_thread(handler.prepare, payload)
+            finally:
+                self._preparing -= 1
+                self._wake.set()  # the head may have been waiting for this one only
         if not self.fits(item.rows, item.seq):
             raise TooLarge(
                 f"{item.rows} input(s) of up to {item.seq} tokens: no bucket takes them "
@@ -158,6 +178,10 @@ class DynamicBatcher:
             rows, seq = rows + item.rows, max(seq, item.seq)
         return taken, rows >= self.max_rows
 
+    def _alone(self) -> bool:
+        """Whether nothing can join the head's window now: it waits alone and no request is being prepared."""
+        return self.idle_dispatch and self._preparing == 0 and len(self._waiting) == 1
+
     def _drop_cancelled(self) -> None:
         while self._waiting and self._waiting[0].future.done():
             self._waiting.popleft()
@@ -176,7 +200,7 @@ class DynamicBatcher:
             while not self._closing:
                 taken, full = self._plan(head.kind)
                 left = head.arrived + self.max_delay - time.monotonic()
-                if full or left <= 0 or head.future.done():
+                if full or left <= 0 or head.future.done() or self._alone():
                     break
                 self._wake.clear()
                 try:

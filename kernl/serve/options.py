@@ -11,13 +11,15 @@ class ServeOptions:
     max_queue: requests waiting (not yet in a running bundle call) before new ones get 503.
     max_batch: most rows in one bundle call (default: the largest bucket's batch).
     model_name: the id /v1/models lists and requests may name (default: the bundle folder's name).
-    chat_template: a Jinja chat template for /v1/chat/completions, instead of the tokenizer config's."""
+    chat_template: a Jinja chat template for /v1/chat/completions, instead of the tokenizer config's.
+    idle_dispatch: a lone request on an idle server runs at once (False: it waits out max_batch_delay_ms too)."""
 
     max_batch_delay_ms: float = 5.0
     max_queue: int = 1024
     max_batch: int | None = None
     model_name: str | None = None
     chat_template: str | None = None
+    idle_dispatch: bool = True
 
     def __post_init__(self) -> None:
         from kernl.errors import InputError

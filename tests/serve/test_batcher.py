@@ -190,3 +190,85 @@ def test_a_kind_has_one_scheduler():
     assert Dispatcher([first]).kinds == {"embed"}
     with pytest.raises(KernlError, match="request kind 'embed': answered by two schedulers"):
         Dispatcher([first, second])
+
+
+class Cheap(Recorder):
+    """A Recorder whose requests are prepared on the event loop (as short texts are), and whose calls take a while."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def cheap(self, payload) -> bool:
+        return True
+
+    def run(self, items):
+        import time
+
+        time.sleep(self.seconds)
+        return super().run(items)
+
+
+def test_a_lone_request_on_an_idle_batcher_runs_at_once():
+    async def main():
+        batcher, handler = await started([(8, 16)], max_delay_ms=10_000)
+        loop = asyncio.get_running_loop()
+        value = random.randrange(1000)
+        start = loop.time()
+        answer = await batcher.submit("embed", (1, 4, value))
+        elapsed = loop.time() - start
+        await batcher.drain()
+        return value, answer, elapsed, handler.calls
+
+    value, answer, elapsed, calls = run(main())
+    assert answer == 2 * value and calls == [[value]]
+    assert elapsed < 5  # nothing could join it: it did not wait out the 10 s window
+
+
+def test_without_idle_dispatch_a_lone_request_waits_its_window():
+    async def main():
+        batcher, handler = await started([(8, 16)], max_delay_ms=300, idle_dispatch=False)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        answer = await batcher.submit("embed", (1, 4, 3))
+        elapsed = loop.time() - start
+        await batcher.drain()
+        return answer, elapsed
+
+    answer, elapsed = run(main())
+    assert answer == 6 and elapsed >= 0.29
+
+
+@pytest.mark.parametrize("handler", [Recorder, Cheap], ids=["prepared-in-a-thread", "prepared-on-the-loop"])
+def test_requests_arriving_together_still_share_one_call_with_idle_dispatch(handler):
+    async def main():
+        recorder = handler()
+        batcher = DynamicBatcher({"embed": recorder}, [(8, 16)], max_delay_ms=200)
+        await batcher.start()
+        values = random.sample(range(1000), 6)
+        answers = await asyncio.gather(*(batcher.submit("embed", (1, 4, v)) for v in values))
+        await batcher.drain()
+        return values, answers, recorder.calls
+
+    values, answers, calls = run(main())
+    assert answers == [2 * v for v in values] and calls == [values]  # the first did not run alone
+
+
+def test_requests_that_arrive_during_a_call_are_merged_into_the_next():
+    async def main():
+        handler = Cheap(seconds=0.3)
+        batcher = DynamicBatcher({"embed": handler}, [(8, 16)], max_delay_ms=1)
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit("embed", (1, 4, 1)))
+        await asyncio.sleep(0.1)  # the first call is running (alone: the batcher was idle)
+        later = [asyncio.create_task(batcher.submit("embed", (1, 4, v))) for v in (2, 3, 4)]
+        for v in (5, 6, 7):
+            await asyncio.sleep(0.02)
+            later.append(asyncio.create_task(batcher.submit("embed", (1, 4, v))))
+        answers = [await first] + list(await asyncio.gather(*later))
+        await batcher.drain()
+        return answers, handler.calls
+
+    answers, calls = run(main())
+    assert calls == [[1], [2, 3, 4, 5, 6, 7]]  # under load batches still form: they queue while a call runs
+    assert answers == [2 * v for v in (1, 2, 3, 4, 5, 6, 7)]

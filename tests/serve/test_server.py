@@ -3,6 +3,8 @@
 import asyncio
 import base64
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,7 +12,24 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.serve.conftest import Server, metric
+from tests.serve.conftest import REPO, Server, free_port, metric, server_env
+
+# kernl.serve.run with idle dispatch off: even a lone request waits out the window, so tests can hold requests
+# in the queue (`kernl serve` runs a lone request at once).
+HOLDING = "import sys; from kernl.serve import run; run(sys.argv[1], port=int(sys.argv[2]), idle_dispatch=False, " \
+    "max_batch_delay_ms=1500, max_queue=2, model_name='small')"  # fmt: skip
+
+
+class HoldingServer(Server):
+    """A server whose batcher queues 2 requests and holds each for the full 1.5 s window."""
+
+    def __init__(self, bundle, *, log) -> None:  # Server's fields, another command
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self._out = open(log, "w")  # noqa: SIM115 - closed in stop()
+        cmd = [sys.executable, "-c", HOLDING, str(bundle), str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=server_env(), cwd=REPO)
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +37,7 @@ def servers(minilm, tmp_path_factory):
     """Two servers started side by side: `main` batches within 20 ms; `small` queues 2 requests for 1.5 s."""
     logs = tmp_path_factory.mktemp("logs")
     main = Server(minilm[0], "--max-batch-delay-ms", "20", "--max-queue", "256", log=logs / "main.log")
-    small = Server(
-        minilm[0], "--max-batch-delay-ms", "1500", "--max-queue", "2", "--model-name", "small", log=logs / "small.log"
-    )
+    small = HoldingServer(minilm[0], log=logs / "small.log")
     try:
         yield main.wait_ready(), small.wait_ready()
     finally:
@@ -168,3 +185,12 @@ def test_sigterm_drains_the_queue_then_exits(servers, minilm):
     assert "Traceback" not in log
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{small.url}/health")
+
+
+def test_a_body_that_is_not_json_answers_422(servers):
+    main = servers[0]
+    r = httpx.post(f"{main.url}/v1/embeddings", content=b"input=x", headers={"content-type": "text/plain"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == 422
+    assert "valid dictionary" in r.json()["error"]["message"]
+    r = httpx.post(f"{main.url}/v1/embeddings", content=b'{"input": "x"}', headers={"content-type": "application/json"})
+    assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 384
