@@ -79,6 +79,13 @@ class Settings:
         return out
 
 
+def id_limit(spec: ProgramSpec, entries: Sequence[str], names: Sequence[str], vocab_size: int) -> int:
+    """Token ids must index the embedding tables as well as the logits: the least of the vocabulary and the "limit"
+    load recorded on the entries' id inputs (names)."""
+    limits = [i.get("limit") for e in entries for i in spec.entry_inputs(e) if i["name"] in names]
+    return min([vocab_size, *(n for n in limits if isinstance(n, int))])
+
+
 def _smallest(values: Sequence[int], at_least: int) -> int | None:
     return next((v for v in values if v >= at_least), None)
 
@@ -99,10 +106,7 @@ class Generator:
         self.settings = s = settings
         self.device = device
         self.scope = scope or contextlib.nullcontext
-        # Ids must index the embedding table as well as the logits (load records the table's rows as "limit").
-        entry_inputs = [i for e in ("prefill", "decode") for i in spec.entry_inputs(e)]
-        limits = [i.get("limit") for i in entry_inputs if i["name"] == "input_ids"]
-        self.id_limit = min([s.vocab_size, *(n for n in limits if isinstance(n, int))])
+        self.id_limit = id_limit(spec, ("prefill", "decode"), ("input_ids",), s.vocab_size)
         self.prefill = spec.bind("prefill")
         self.decode = spec.bind("decode")
         self.state = spec.allocate_state(device)

@@ -27,7 +27,7 @@ import torch
 
 from kernl.errors import BundleError, InputError
 from kernl.runtime.beam import BeamState, beam_step, finalize
-from kernl.runtime.generation import _smallest
+from kernl.runtime.generation import _smallest, id_limit
 from kernl.runtime.program import ProgramSpec
 from kernl.runtime.sampling import SamplingParams, make_generator, sample, update_done
 from kernl.runtime.steps import capture_step, read_async, wait_read
@@ -141,9 +141,7 @@ class Seq2SeqGenerator:
         filters = s.mel_filters()
         self.mel_filters = None if filters is None else filters.to(device)
         self.scope = scope or contextlib.nullcontext
-        limits = [i.get("limit") for e in ("encode", "decode") for i in spec.entry_inputs(e)
-                  if i["name"] in ("input_ids", "decoder_input_ids")]  # fmt: skip
-        self.id_limit = min([s.vocab_size, *(n for n in limits if isinstance(n, int))])
+        self.id_limit = id_limit(spec, ("encode", "decode"), ("input_ids", "decoder_input_ids"), s.vocab_size)
         self.encode = spec.bind("encode")
         self.decode = spec.bind("decode")
         self.state = spec.allocate_state(device)

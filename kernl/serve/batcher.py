@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kernl.serve.errors import TooLarge, Unavailable
+from kernl.serve.scheduler import WorkerLoop
 
 log = logging.getLogger("kernl.serve")
 
@@ -63,7 +64,7 @@ class _Waiting:
     arrived: float = field(default_factory=time.monotonic)
 
 
-class DynamicBatcher:
+class DynamicBatcher(WorkerLoop):
     """A Scheduler (kernl.serve.scheduler) for requests answered by one forward call of the bundle.
 
     handlers: request kind -> BatchHandler. buckets: the bundle's (batch, seq) buckets; a batch is formed only
@@ -135,16 +136,6 @@ class DynamicBatcher:
         self._wake.set()
         # A client that goes away cancels this await and so the future: the worker then skips the request.
         return await waiting.future
-
-    async def drain(self) -> None:
-        self._closing = True
-        if self._task is not None:
-            self._wake.set()
-            await self._task
-            self._task = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
 
     # -- batching -------------------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from typing import Any
 from kernl.serve.detokenize import Detokenizer
 from kernl.serve.errors import Unavailable
 from kernl.serve.metrics import GenerationMetrics
+from kernl.serve.scheduler import WorkerLoop
 
 log = logging.getLogger("kernl.serve")
 
@@ -120,7 +121,7 @@ class GenerationStream:
             self._queue.put_nowait(err)
 
 
-class GenerationScheduler:
+class GenerationScheduler(WorkerLoop):
     """The Scheduler of a generation bundle's "generate" requests: submit(kind, GenerationJob) -> GenerationStream."""
 
     kinds = frozenset({"generate"})
@@ -178,16 +179,6 @@ class GenerationScheduler:
         self._waiting.append(stream)
         self._wake.set()
         return stream
-
-    async def drain(self) -> None:
-        self._closing = True
-        if self._task is not None:
-            self._wake.set()
-            await self._task
-            self._task = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
 
     # -- the loop -------------------------------------------------------------------------------------------
 

@@ -29,6 +29,26 @@ class Scheduler(Protocol):
         """Refuse new requests, answer every queued one, then stop."""
 
 
+class WorkerLoop:
+    """A scheduler's loop task and its one worker thread (GPU work runs there): drain stops both after the loop
+    has answered what it holds. Subclasses set _closing, _task, _wake and _executor."""
+
+    _closing: bool
+    _task: Any
+    _wake: Any
+    _executor: Any
+
+    async def drain(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._wake.set()
+            await self._task
+            self._task = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
 class Dispatcher:
     """kind -> scheduler; every request goes through submit(kind, payload)."""
 
