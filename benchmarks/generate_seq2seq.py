@@ -1,16 +1,19 @@
-"""Whisper generation: a kernl seq2seq bundle beside HF generate (eager, and static cache + torch.compile), one process.
+"""Encoder-decoder generation (Whisper, T5): a kernl seq2seq bundle beside HF generate (eager, and static cache +
+torch.compile), one process.
 
 python benchmarks/generate_seq2seq.py --geometry large-v3 --batches 1 --beams 1,5 --new 128 [--json OUT.json]
+python benchmarks/generate_seq2seq.py --geometry t5-small --batches 1,4 --beams 1,4 --new 64 --src-len 128
     [--bundle build/whisper-large-v3]    # compiled there once, reused by later runs
     [--against eager,compile,static]     # HF setups beside kernl (default eager,compile; on cpu eager)
     [--cold]                             # also a fresh process to its first token
 python benchmarks/generate_seq2seq.py --device cpu --geometry tiny --new 8 --reps 1   # a check without a GPU (~2 min)
 
-Random weights (seeded), random 30 s log-mel features. Every run produces exactly --new tokens: kernl is called
-with eos_token_id=[] (no stop token) and HF with min_new_tokens = max_new_tokens (eos masked until the end), so
-both run the same number of decoder steps. Per (batch, beams): kernl's first call after load and the median of
---reps calls; HF eager generate; HF generate(cache_implementation="static") with model.forward compiled in
-"reduce-overhead" mode (the setup transformers documents for Whisper; an exception is recorded, not raised).
+Random weights (seeded), random 30 s log-mel features (Whisper) or --src-len random token ids (T5). Every run
+produces exactly --new tokens: kernl is called with eos_token_id=[] (no stop token) and HF with min_new_tokens =
+max_new_tokens (eos masked until the end), so both run the same number of decoder steps. Per (batch, beams):
+kernl's first call after load and the median of --reps calls; HF eager generate; HF generate with a static cache
+and model.forward compiled in "reduce-overhead" mode (compile; the setup transformers documents) or "default" mode
+(compile-default); an exception is recorded, not raised.
 Tokens/s = batch × new / seconds per call; ratio = HF seconds / kernl seconds. Greedy: how many of the first
 --agree tokens kernl and HF eager share, and HF's argmax on kernl's sequences (teacher forced; random weights
 make near ties, so free-running sequences may part after a flip in the last bits). Memory: the bundle's cache
@@ -46,27 +49,43 @@ GEOMETRIES = {
                      decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120, num_mel_bins=128,
                      vocab_size=51866),
 }  # fmt: skip
+# T5 geometries (the checkpoints' configs).
+T5_GEOMETRIES = {
+    "t5-small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8,
+                     vocab_size=32128, feed_forward_proj="relu", tie_word_embeddings=True),
+    "flan-t5-base": dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12,
+                         vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+}  # fmt: skip
 FRAMES = 3000  # 30 s of 10 ms hops
 
 
-def build_whisper(geometry: str, dtype: torch.dtype, device: str, seed: int = 0):
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
+def build_model(geometry: str, dtype: torch.dtype, device: str, seed: int = 0):
+    from transformers import T5Config, T5ForConditionalGeneration, WhisperConfig, WhisperForConditionalGeneration
 
-    config = WhisperConfig(
-        **GEOMETRIES[geometry], max_source_positions=1500, max_target_positions=448,
-        decoder_start_token_id=50258, eos_token_id=50257, bos_token_id=50257,
-        pad_token_id=50256 if geometry == "large-v3" else 50257,
-        begin_suppress_tokens=[220, 50257], suppress_tokens=None,
-    )  # fmt: skip
+    if geometry in T5_GEOMETRIES:
+        config = T5Config(**T5_GEOMETRIES[geometry], decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        cls = T5ForConditionalGeneration
+    else:
+        config = whisper_config(geometry, WhisperConfig)
+        cls = WhisperForConditionalGeneration
     torch.manual_seed(seed)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise in the target dtype, on the device: large-v3 is 1.5 B parameters
     try:
         with torch.device(device):
-            model = WhisperForConditionalGeneration(config).eval()
+            model = cls(config).eval()
     finally:
         torch.set_default_dtype(old)
     return model
+
+
+def whisper_config(geometry: str, WhisperConfig):
+    return WhisperConfig(
+        **GEOMETRIES[geometry], max_source_positions=1500, max_target_positions=448,
+        decoder_start_token_id=50258, eos_token_id=50257, bos_token_id=50257,
+        pad_token_id=50256 if geometry == "large-v3" else 50257,
+        begin_suppress_tokens=[220, 50257], suppress_tokens=None,
+    )  # fmt: skip
 
 
 def sync(device: str) -> None:
@@ -105,13 +124,14 @@ def error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {' | '.join(lines[:3])}"[:600]
 
 
-def teacher_forced(model, feats: torch.Tensor, prefix: list[int], new: torch.Tensor) -> dict:
+def teacher_forced(model, inputs: dict, prefix: list[int], new: torch.Tensor) -> dict:
     """HF's logits on kernl's sequences: how often kernl's token is HF's argmax, and how far below HF's best
     logit (in logit standard deviations) the worst chosen token is."""
-    start = torch.tensor([prefix] * new.shape[0], dtype=torch.int64, device=feats.device)
-    seq = torch.cat([start, new.to(feats.device)], dim=1)
+    device = next(iter(inputs.values())).device
+    start = torch.tensor([prefix] * new.shape[0], dtype=torch.int64, device=device)
+    seq = torch.cat([start, new.to(device)], dim=1)
     with torch.no_grad():
-        logits = model(input_features=feats, decoder_input_ids=seq[:, :-1]).logits[:, len(prefix) - 1 :].float()
+        logits = model(**inputs, decoder_input_ids=seq[:, :-1]).logits[:, len(prefix) - 1 :].float()
     chosen = logits.gather(2, seq[:, len(prefix) :, None]).squeeze(2)
     best = logits.max(dim=2).values
     gap = (best - chosen) / logits.std(dim=2)
@@ -126,14 +146,14 @@ def agreement(ours: torch.Tensor, theirs: torch.Tensor, k: int) -> dict:
     return {"first_k": k, "agreement": round(same.float().mean().item(), 4), "leading_equal": leading}
 
 
-def hf_generate(model, feats: torch.Tensor, new: int, beams: int, **extra) -> torch.Tensor:
-    """Whisper's generate with exactly `new` tokens (eos masked until then)."""
-    out = model.generate(input_features=feats, max_new_tokens=new, min_new_tokens=new, num_beams=beams,
-                         do_sample=False, **extra)  # fmt: skip
+def hf_generate(model, inputs: dict, new: int, beams: int, **extra) -> torch.Tensor:
+    """HF generate with exactly `new` tokens (eos masked until then)."""
+    out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, num_beams=beams, do_sample=False,
+                         **extra)  # fmt: skip
     return out if isinstance(out, torch.Tensor) else out.sequences
 
 
-def kernl_phase(bundle, feats_host: torch.Tensor, new: int, beams: int, args) -> tuple[dict, torch.Tensor]:
+def kernl_phase(bundle, inputs_host: dict, new: int, beams: int, args) -> tuple[dict, torch.Tensor]:
     device = args.device
     if device == "cuda":
         torch.cuda.synchronize()
@@ -141,10 +161,10 @@ def kernl_phase(bundle, feats_host: torch.Tensor, new: int, beams: int, args) ->
         torch.cuda.reset_peak_memory_stats()
 
     def call():
-        return bundle.generate(input_features=feats_host, max_new_tokens=new, num_beams=beams, eos_token_id=[])
+        return bundle.generate(**inputs_host, max_new_tokens=new, num_beams=beams, eos_token_id=[])
 
     first, median, out = first_and_median(call, args.reps, device)
-    row = timing_row(first, median, feats_host.shape[0], new)
+    row = timing_row(first, median, next(iter(inputs_host.values())).shape[0], new)
     if device == "cuda":
         row["peak_allocated_above_resident_MB"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
     return row, out
@@ -157,37 +177,59 @@ def hf_variants(model, args) -> dict:
     against = [a for a in args.against.split(",") if a]
     if "eager" in against:
         out["hf_eager"] = lambda f, n, b: hf_generate(model, f, n, b)
-    if "compile" in against:
-        # transformers' Whisper docs: static cache + forward compiled in reduce-overhead mode.
-        compiled = {}
-
-        def static_compiled(f, n, b):
-            if "forward" not in compiled:
-                compiled["eager_forward"] = model.forward
-                compiled["forward"] = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-            model.forward = compiled["forward"]
-            try:
-                return hf_generate(model, f, n, b, cache_implementation="static")
-            finally:
-                model.forward = compiled["eager_forward"]
-
-        out["hf_static_compile"] = static_compiled
+    for name, mode in (("compile", "reduce-overhead"), ("compile-default", "default")):
+        if name in against:
+            # transformers' docs: static cache + forward compiled (reduce-overhead: CUDA graphs too).
+            out[f"hf_static_{name.replace('-', '_')}"] = static_compiled(model, mode)
     if "static" in against:
         # generate's own static-cache path (transformers compiles the decoder step itself where it can).
         out["hf_static"] = lambda f, n, b: hf_generate(model, f, n, b, cache_implementation="static")
     return out
 
 
+def random_inputs(model, batch: int, seed: int, src_len: int) -> dict:
+    """Whisper: {input_features: 30 s of random log-mel}; T5: {input_ids, attention_mask} of src_len tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    if hasattr(model.config, "num_mel_bins"):
+        dtype = next(model.parameters()).dtype
+        return {"input_features": torch.randn(batch, model.config.num_mel_bins, FRAMES, generator=gen).to(dtype)}
+    ids = torch.randint(3, model.config.vocab_size, (batch, src_len), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def static_compiled(model, mode: str):
+    """generate with a static cache and model.forward compiled in mode. Under CUDA graphs each call starts a new
+    graph step and copies its logits out: generate keeps them past the next replay, which rewrites that buffer."""
+    compiled = {}
+
+    def forward(*args, **kwargs):
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        out = compiled["inner"](*args, **kwargs)
+        out.logits = out.logits.clone()
+        return out
+
+    def run(inputs: dict, new: int, beams: int) -> torch.Tensor:
+        if "inner" not in compiled:
+            compiled["eager"] = model.forward
+            compiled["inner"] = torch.compile(model.forward, mode=mode, fullgraph=True)
+        model.forward = forward
+        try:
+            return hf_generate(model, inputs, new, beams, cache_implementation="static")
+        finally:
+            model.forward = compiled["eager"]
+
+    return run
+
+
 def run_config(bundle, model, prefix: list[int], batch: int, beams: int, args) -> dict:
-    mels = model.config.num_mel_bins
-    dtype = next(model.parameters()).dtype
-    gen = torch.Generator().manual_seed(1000 * batch + beams)
-    feats_host = torch.randn(batch, mels, FRAMES, generator=gen).to(dtype)
-    feats = feats_host.to(args.device)
+    inputs_host = random_inputs(model, batch, 1000 * batch + beams, args.src_len)
+    inputs = {k: v.to(args.device) for k, v in inputs_host.items()}
     row: dict = {"batch": batch, "num_beams": beams, "new_tokens": args.new}
     ours = None
     try:
-        row["kernl"], ours = kernl_phase(bundle, feats_host, args.new, beams, args)
+        row["kernl"], ours = kernl_phase(bundle, inputs_host, args.new, beams, args)
+        ours = ours[:, -args.new :]  # T5 bundles return the decoder start token too, as HF does
         assert ours.shape == (batch, args.new), f"kernl returned {tuple(ours.shape)} for {args.new} new tokens"
     except Exception as err:  # noqa: BLE001 - report and go on to the next setup
         traceback.print_exc()
@@ -199,7 +241,9 @@ def run_config(bundle, model, prefix: list[int], batch: int, beams: int, args) -
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
             with torch.no_grad():
-                first, median, theirs = first_and_median(lambda f=fn: f(feats, args.new, beams), args.reps, args.device)
+                first, median, theirs = first_and_median(
+                    lambda f=fn: f(inputs, args.new, beams), args.reps, args.device
+                )
             row[name] = timing_row(first, median, batch, args.new)
             if args.device == "cuda":
                 row[name]["peak_allocated_above_resident_MB"] = round(
@@ -221,7 +265,7 @@ def run_config(bundle, model, prefix: list[int], batch: int, beams: int, args) -
                 torch.cuda.empty_cache()
     if ours is not None and beams == 1:
         try:
-            row["teacher_forced"] = teacher_forced(model, feats, prefix, ours)
+            row["teacher_forced"] = teacher_forced(model, inputs, prefix, ours)
         except Exception as err:  # noqa: BLE001
             row["teacher_forced"] = {"error": error_text(err)}
     return row
@@ -238,8 +282,10 @@ import kernl
 bundle = kernl.load(sys.argv[1], capture="lazy")
 t2 = time.perf_counter()
 s = bundle.manifest["seq2seq"]
-feats = torch.randn(1, s["num_mel_bins"], s["seq_lens"][-1])
-bundle.generate(input_features=feats, max_new_tokens=1)
+if s["kind"] == "speech":
+    bundle.generate(input_features=torch.randn(1, s["num_mel_bins"], s["seq_lens"][-1]), max_new_tokens=1)
+else:
+    bundle.generate(input_ids=torch.randint(3, 100, (1, s["seq_lens"][-1])), max_new_tokens=1)
 t3 = time.perf_counter()
 print(json.dumps({"torch_ready_s": t1 - t0, "load_s": t2 - t1, "first_token_s": t3 - t2, "total_s": t3 - t0,
                   **bundle.load_timings}))
@@ -268,16 +314,19 @@ def cold_first_token(path: str, device: str, runs: int = 3) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="large-v3")
+    parser.add_argument("--geometry", choices=sorted(GEOMETRIES) + sorted(T5_GEOMETRIES), default="large-v3")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--batches", default="1", help="batch sizes, e.g. 1,4")
     parser.add_argument("--beams", default="1,5", help="num_beams values (1 = greedy)")
     parser.add_argument("--new", type=int, default=128, help="new tokens per call (every setup makes exactly these)")
-    parser.add_argument("--max-length", type=int, default=448, help="the bundle's decoder positions")
+    parser.add_argument("--max-length", type=int, default=None, help="the bundle's decoder positions [448; T5 256]")
+    parser.add_argument("--src-len", type=int, default=128, help="T5: encoder tokens per input (its seq-len bucket)")
     parser.add_argument("--reps", type=int, default=5, help="timed calls after the first (median)")
     parser.add_argument("--agree", type=int, default=32, help="greedy: compare the first K tokens with HF eager")
-    parser.add_argument("--against", help="HF setups of eager, compile, static [default: eager,compile; cpu: eager]")
+    parser.add_argument(
+        "--against", help="HF setups of eager, compile, compile-default, static [default: eager,compile; cpu: eager]"
+    )
     parser.add_argument("--bundle", help="the bundle's path: reused when it exists, else compiled there")
     parser.add_argument("--cold", action="store_true", help="also time a fresh process to its first token")
     parser.add_argument("--json")
@@ -312,14 +361,20 @@ def main() -> None:
         "new_tokens": args.new,
         "runs": [],
     }
-    model = build_whisper(args.geometry, dtype, args.device)
+    model = build_model(args.geometry, dtype, args.device)
     result["parameters_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
-    print(f"whisper {args.geometry} ({result['parameters_M']} M parameters), {result['dtype']} on {result['device']}",
+    text = args.geometry in T5_GEOMETRIES
+    if text:
+        result["src_len"] = args.src_len
+    print(f"{args.geometry} ({result['parameters_M']} M parameters), {result['dtype']} on {result['device']}",
           flush=True)  # fmt: skip
 
-    path = args.bundle or os.path.join(tempfile.mkdtemp(), "whisper")
+    path = args.bundle or os.path.join(tempfile.mkdtemp(), args.geometry)
     if not os.path.exists(path):
-        generation = {"max_length": args.max_length, "batch_sizes": batches, "num_beams": max(beams)}
+        generation = {"max_length": args.max_length or (256 if text else 448), "batch_sizes": batches,
+                      "num_beams": max(beams)}  # fmt: skip
+        if text:
+            generation["seq_lens"] = [args.src_len]
         t = time.perf_counter()
         kernl.compile(model, path, buckets=None, device=args.device, generation=generation)
         result["compile_s"] = round(time.perf_counter() - t, 1)
@@ -338,6 +393,9 @@ def main() -> None:
         result["bundle"]["resident_MB"] = round((torch.cuda.memory_allocated() - before) / 2**20, 1)
     caches = result["bundle"]["cache_bytes_MB"]
     print(f"compile {result.get('compile_s')} s, load {result['load_s']} s, caches {caches} MB", flush=True)
+    if args.cold:
+        result["cold"] = cold_first_token(path, args.device)
+        print("cold", json.dumps(result["cold"]), flush=True)
     prefix = list(s2s["decoder_prefix"])
     for batch in batches:
         for k in beams:
@@ -347,9 +405,9 @@ def main() -> None:
             row = run_config(bundle, model, prefix, batch, k, args)
             result["runs"].append(row)
             print(json.dumps(row), flush=True)
-    if args.cold:
-        result["cold"] = cold_first_token(path, args.device)
-        print("cold", json.dumps(result["cold"]), flush=True)
+            if args.json:  # after each row: a run cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(result, f, indent=1)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
@@ -361,7 +419,7 @@ def print_table(result: dict) -> None:
           "ms per call (tokens/s), ratio = HF / kernl")  # fmt: skip
     for row in result["runs"]:
         cells = [f"batch {row['batch']} beams {row['num_beams']}"]
-        for name in ("kernl", "hf_eager", "hf_static_compile", "hf_static"):
+        for name in ("kernl", "hf_eager", "hf_static_compile", "hf_static_compile_default", "hf_static"):
             r = row.get(name)
             if r is None:
                 continue

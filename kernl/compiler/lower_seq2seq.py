@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 from torch.export import Dim
 from torch.export.graph_signature import InputKind
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from kernl.compiler.codegen import bind_device, generation_source
 from kernl.compiler.decoder_positions import fed_positions, position_embedding
@@ -32,6 +31,7 @@ from kernl.compiler.seq2seq import (
     layout,
 )
 from kernl.compiler.serialize import generation_spec
+from kernl.compiler.trace import is_constraint_violation, relaxed_export
 from kernl.errors import KernlError
 from kernl.runtime.program import ProgramSpec
 
@@ -165,9 +165,8 @@ class _Decoder(torch.nn.Module):
 
 
 def _export(module: torch.nn.Module, example: dict[str, torch.Tensor], shapes: dict):
-    """Export with the declared dims; when torch's solver cannot prove a guard holds over a declared range (torch
-    2.11 on Whisper's decoder: seq * roundup8(seq) > 1, true for every seq >= 1), again with Dim.AUTO, which
-    keeps the guards, then check every declared dim stayed symbolic."""
+    """Export with the declared dims; when torch's solver cannot prove a guard over a declared range, again with
+    Dim.AUTO (kernl.compiler.trace.relaxed_export)."""
     what = type(module).__name__.strip("_").lower()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -175,27 +174,14 @@ def _export(module: torch.nn.Module, example: dict[str, torch.Tensor], shapes: d
             return torch.export.export(module, (), dict(example), dynamic_shapes=shapes, strict=False)
         except Exception as err:  # noqa: BLE001 - say which half failed
             first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-            if "Constraints violated" not in first:
+            if not is_constraint_violation(err):
                 raise KernlError(f"{what} export failed: {first}") from err
-        relaxed = {name: {d: Dim.AUTO for d in dims} for name, dims in shapes.items()}
-        try:
-            ep = torch.export.export(module, (), dict(example), dynamic_shapes=relaxed, strict=False)
-        except Exception as err:  # noqa: BLE001
-            raise KernlError(f"{what} export failed: {first}") from err
-    _check_symbolic(ep, shapes, what)
-    return ep
-
-
-def _check_symbolic(ep, shapes: dict, what: str) -> None:
-    """KernlError when a dim declared dynamic came out as a constant (the graph would serve one size only)."""
-    values = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
-    for spec in ep.graph_signature.input_specs:
-        if spec.kind != InputKind.USER_INPUT or spec.arg.name not in values:
-            continue
-        val = values[spec.arg.name]
-        for d, dim in (shapes.get(spec.arg.name) or {}).items():
-            if dim is not None and is_concrete_int(val.shape[d]):
-                raise KernlError(f"{what} export: {spec.arg.name} dim {d} was specialised to {val.shape[d]}")
+    try:
+        return relaxed_export(module, example, shapes)
+    except KernlError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise KernlError(f"{what} export failed: {first}") from err
 
 
 def _dim(name: str, top: int) -> Dim | None:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.export import Dim, ExportedProgram
+from torch.export.graph_signature import InputKind
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from kernl.compiler.inputs import fixed_dims, window_of
 from kernl.errors import KernlError
@@ -79,6 +81,11 @@ def export_model(model: torch.nn.Module, make_inputs, buckets: list[tuple[int, i
             return Traced(ep, ("strict" if strict else "nonstrict") + "-dynamic", small)
         except Exception as err:  # noqa: BLE001 - every export failure moves on to the next strategy
             errors.append(err)
+    if any(is_constraint_violation(err) for err in errors):
+        try:
+            return Traced(relaxed_export(model, small, shapes), "nonstrict-dynamic", small)
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
     if len(buckets) > 1:
         raise KernlError(
             "export with dynamic batch/seq dims failed and a static program serves one bucket only; "
@@ -92,3 +99,34 @@ def export_model(model: torch.nn.Module, make_inputs, buckets: list[tuple[int, i
     except Exception as err:  # noqa: BLE001
         raise KernlError(f"{type(model).__name__} cannot be exported: {_short_reason(errors[0])}") from err
     return Traced(ep, "static", largest)
+
+
+def is_constraint_violation(err: BaseException) -> bool:
+    """torch's solver could not prove a guard over a declared range (torch 2.11 on some models: seq *
+    roundup8(seq) > 1, or GPT-2's position table, though true for every size the buckets allow)."""
+    return "Constraints violated" in str(err)
+
+
+def relaxed_export(
+    model: torch.nn.Module, example: dict[str, torch.Tensor], shapes: dict, strict: bool = False
+) -> ExportedProgram:
+    """Export again with every declared dim Dim.AUTO (the guards stay, unproven ranges no longer fail), then
+    check each declared dim stayed symbolic: KernlError where one came out a constant."""
+    relaxed = {name: {d: Dim.AUTO for d in dims} for name, dims in shapes.items()}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(model, (), dict(example), dynamic_shapes=relaxed, strict=strict)
+    check_symbolic(ep, shapes, type(model).__name__.strip("_").lower())
+    return ep
+
+
+def check_symbolic(ep: ExportedProgram, shapes: dict, what: str) -> None:
+    """KernlError when a dim declared dynamic came out as a constant (the graph would serve one size only)."""
+    values = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind != InputKind.USER_INPUT or spec.arg.name not in values:
+            continue
+        val = values[spec.arg.name]
+        for d, dim in (shapes.get(spec.arg.name) or {}).items():
+            if dim is not None and is_concrete_int(val.shape[d]):
+                raise KernlError(f"{what} export: {spec.arg.name} dim {d} was specialised to {val.shape[d]}")

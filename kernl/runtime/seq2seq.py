@@ -446,10 +446,20 @@ class Seq2SeqGenerator:
         self.enc_lengths[: req.bucket].copy_(lengths, non_blocking=True)
         replay()
 
-    def _feed_prefix(self, req: Seq2SeqRequest, rows: int) -> None:
+    def _steps_for(self, req: Seq2SeqRequest) -> tuple[Callable[[], None], Callable[[], None]]:
+        """(prefix step, decode step) of a request, captured now if new: before the request writes any state,
+        since a capture's warm run moves positions, caches and beams."""
+        rows = req.bucket * req.num_beams
+        prefix = self._step(("prefix", req.bucket, req.num_beams), lambda: self._prefix_step(rows, req.bucket))
+        if req.num_beams > 1:
+            state = self._beam_state(req.bucket, req.num_beams)
+            return prefix, self._step(("beam", req.bucket, req.num_beams), lambda: self._beam_step(state, req.bucket))
+        greedy = req.params.all_greedy
+        return prefix, self._step(("sample", rows, greedy), lambda: self._sample_step(rows, greedy), not greedy)
+
+    def _feed_prefix(self, req: Seq2SeqRequest, rows: int, step: Callable[[], None]) -> None:
         """Every prefix token but the last through decode steps (their logits unused): the caches hold them."""
         self.positions[:rows].zero_()
-        step = self._step(("prefix", req.bucket, req.num_beams), lambda: self._prefix_step(rows, req.bucket))
         for token in req.prefix[:-1]:
             self.tokens[:rows].fill_(token)
             step()
@@ -458,10 +468,11 @@ class Seq2SeqGenerator:
     def run(self, req: Seq2SeqRequest) -> torch.Tensor:
         """The decoder sequences [batch, prefix + new] on the host (HF generate's, before any prefix strip)."""
         with torch.no_grad(), self.scope():
+            prefix_step, step = self._steps_for(req)
             self._encode(req)
             if req.num_beams == 1:
-                return self._run_sampling(req)
-            return self._run_beams(req)
+                return self._run_sampling(req, prefix_step, step)
+            return self._run_beams(req, prefix_step, step)
 
     def _loop(self, step: Callable[[], None], steps: int, done: torch.Tensor) -> None:
         check = None
@@ -472,9 +483,11 @@ class Seq2SeqGenerator:
                     break
                 check = read_async(done)
 
-    def _run_sampling(self, req: Seq2SeqRequest) -> torch.Tensor:
+    def _run_sampling(
+        self, req: Seq2SeqRequest, prefix_step: Callable[[], None], step: Callable[[], None]
+    ) -> torch.Tensor:
         rows, plen = req.bucket, len(req.prefix)
-        self._feed_prefix(req, rows)
+        self._feed_prefix(req, rows, prefix_step)
         self.params.copy_(_padded(req.params, self.params.rows))
         if req.seed is not None:
             self.rng.manual_seed(req.seed)
@@ -485,8 +498,6 @@ class Seq2SeqGenerator:
         done[req.batch :] = True
         self.done[:rows].copy_(done, non_blocking=True)
         self.seq[:rows, :plen].copy_(torch.tensor([req.prefix] * rows), non_blocking=True)
-        greedy = req.params.all_greedy
-        step = self._step(("sample", rows, greedy), lambda: self._sample_step(rows, greedy), generator=not greedy)
         self._loop(step, req.max_new_tokens, self.done[: req.batch])
         seq, produced = self.seq[: req.batch].cpu(), self.step_count[: req.batch].cpu()
         pads = req.params.pad_token_id.cpu().tolist()
@@ -498,16 +509,17 @@ class Seq2SeqGenerator:
             out[r, plen + n :] = pads[r]
         return out
 
-    def _run_beams(self, req: Seq2SeqRequest) -> torch.Tensor:
+    def _run_beams(
+        self, req: Seq2SeqRequest, prefix_step: Callable[[], None], step: Callable[[], None]
+    ) -> torch.Tensor:
         s = self.settings
         state = self._beam_state(req.bucket, req.num_beams)
         rows = req.bucket * req.num_beams
-        self._feed_prefix(req, rows)
+        self._feed_prefix(req, rows, prefix_step)
         prefix = torch.tensor([req.prefix] * req.batch, dtype=torch.int64)
         state.reset(prefix, num_beams=req.num_beams, max_new_tokens=req.max_new_tokens,
                     suppress_tokens=s.suppress_tokens, begin_suppress_tokens=s.begin_suppress_tokens,
                     **req.beam_options)  # fmt: skip
-        step = self._step(("beam", req.bucket, req.num_beams), lambda: self._beam_step(state, req.bucket))
         self._loop(step, req.max_new_tokens, state.all_done)
         seq, _ = finalize(state)
         return seq.cpu()

@@ -64,7 +64,8 @@ def run_bundle(bundle: str, inputs_file: str, out_dir: str) -> None:
     loaded = kernl.load(bundle, timeout_s=60)
     try:
         out = loaded(**torch.load(inputs_file, weights_only=True))
-        torch.save(dict(out), os.path.join(out_dir, f"out.rank{loaded.rank}.pt"))
+        torch.save({k: v.cpu() for k, v in dict(out).items()}, os.path.join(out_dir, f"out.rank{loaded.rank}.pt"))
+        _leave_after_nccl()
     finally:
         dist.destroy_process_group()
 
@@ -86,8 +87,17 @@ def run_generate(bundles: str, prompts_file: str, out_dir: str) -> None:
             results[f"{i}/unseeded"] = loaded.generate(ids, **sample, **fixed)
             results[f"{i}/stream"] = torch.stack(list(loaded.stream(ids, **fixed)), dim=1)
         torch.save(results, os.path.join(out_dir, f"out.rank{loaded.rank}.pt"))
+        _leave_after_nccl()
     finally:
         dist.destroy_process_group()
+
+
+def _leave_after_nccl() -> None:
+    """NCCL's teardown after CUDA graphs that hold its collectives can wait forever: a rank whose results are saved
+    leaves at once (gloo ranks tear down as usual)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        sys.stdout.flush()
+        os._exit(0)
 
 
 def _error(kind: type, fn, *args) -> str:

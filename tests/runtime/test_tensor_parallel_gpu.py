@@ -1,0 +1,61 @@
+"""Tensor parallel on GPUs through NCCL (a machine of 2 or more; NVLink multicast off): forward bundles and
+generation at tp=2 (and tp=4 where there are 4 GPUs), each rank on its own GPU with the all-reduces and gathers
+inside its CUDA graphs, give what the unsplit bundle gives on one GPU. fp32: sharding changes the order of the
+row-parallel sums, which moves logits in the last bits only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernl
+from kernl.compiler import shard_vocab
+from tests.models import token_inputs
+from tests.runtime.test_generation import tiny_lm
+from tests.runtime.tp_launch import launch_ranks
+
+pytestmark = pytest.mark.gpu
+MAX_NEW = 8
+SETTINGS = {"max_length": 32, "batch_sizes": [1, 2], "seq_lens": [8, 16]}
+WORLDS = [w for w in (2, 4) if torch.cuda.is_available() and torch.cuda.device_count() >= w]
+
+
+@pytest.fixture(autouse=True)
+def no_multicast(monkeypatch):
+    if not WORLDS:
+        pytest.skip("needs 2 or more CUDA GPUs; runs on a multi-GPU machine through scripts/gpu-check")
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_generation_on_ranks_equals_one_gpu(name, world, tmp_path, monkeypatch):
+    # gpt2 with its tied embedding / LM head split by vocabulary (threshold lowered for a tiny model).
+    model = tiny_lm(name, **({"n_head": 4, "vocab_size": 98} if name == "gpt2" else {"num_key_value_heads": 4}))
+    model = model.cuda()
+    monkeypatch.setattr(shard_vocab, "VOCAB_PARALLEL_MIN_BYTES", 0)
+    one = kernl.load(kernl.compile(model, tmp_path / "tp1", buckets=[], generation=SETTINGS, device="cuda"))
+    split = kernl.compile(model, tmp_path / "tp", buckets=[], generation=SETTINGS, device="cuda", tensor_parallel=world)
+    ids = torch.randint(3, 98, (2, 11))
+    want = one.generate(ids, max_new_tokens=MAX_NEW, eos_token_id=[])
+    torch.save({"input_ids": ids, "max_new_tokens": MAX_NEW}, tmp_path / "prompts.pt")
+    outs = launch_ranks(["--generate", str(split), str(tmp_path / "prompts.pt"), str(tmp_path)], tmp_path, world)
+    for rank, out in enumerate(outs):
+        assert torch.equal(out["0/greedy"], want), (rank, out["0/greedy"], want)
+        assert torch.equal(out["0/stream"], want[:, ids.shape[1] :]), rank
+    for kind in ("seeded", "unseeded"):  # sampling decided once for all ranks
+        assert all(torch.equal(outs[0][f"0/{kind}"], o[f"0/{kind}"]) for o in outs[1:]), kind
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_forward_bundle_on_ranks_equals_the_model(world, tmp_path):
+    model = tiny_lm("llama", num_key_value_heads=4).cuda()
+    path = kernl.compile(model, tmp_path / "tp", buckets=[(2, 16)], device="cuda", tensor_parallel=world)
+    inputs = token_inputs(2, 9)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    outs = launch_ranks(["--bundle", str(path), str(tmp_path / "inputs.pt"), str(tmp_path)], tmp_path, world)
+    with torch.no_grad():
+        want = model(**{k: v.cuda() for k, v in inputs.items()}).logits.cpu()
+    for out in outs:
+        torch.testing.assert_close(out["logits"], want, atol=2e-4, rtol=0)
+    assert all(torch.equal(outs[0]["logits"], o["logits"]) for o in outs[1:])
