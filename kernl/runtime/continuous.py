@@ -43,10 +43,11 @@ class SlotToken:
     finished: bool
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Slot:
     greedy: bool
     penalty: bool
+    left: int  # decode steps the row may still take (max_new_tokens less the tokens it produced)
 
 
 class ContinuousBatch:
@@ -122,26 +123,45 @@ class ContinuousBatch:
             tokens = gen.tokens[:, 0].index_select(0, idx).cpu().tolist()
             done = gen.done.index_select(0, idx).cpu().tolist()
         for (req, _), slot in zip(per_row, slots, strict=True):
-            self.slots[slot] = _Slot(req.params.all_greedy, req.penalty)
+            self.slots[slot] = _Slot(req.params.all_greedy, req.penalty, req.max_new_tokens - 1)
         return self._report(slots, tokens, done)
 
     def step(self) -> list[SlotToken]:
         """One decode step of every active row: one SlotToken each, in row order (waits for the GPU)."""
+        stepped = self.steps(1)
+        return stepped[0] if stepped else []
+
+    def steps(self, n: int) -> list[list[SlotToken]]:
+        """Up to n decode steps of the active rows, read back once (one host round trip for them all, not one a
+        token): each step's SlotTokens, in row order, a finished row in none after its last. Never more steps
+        than the longest-lived row may still take; a row that stops on eos mid-way idles through the rest."""
         if not self.slots:
             return []
         gen = self.gen
+        n = max(1, min(n, max(s.left for s in self.slots.values())))
         rows = gen.batch_bucket(max(self.slots) + 1)
         greedy = all(s.greedy for s in self.slots.values())
         penalty = any(s.penalty for s in self.slots.values())
         with torch.no_grad(), gen.scope():
-            if gen.graphs:
-                self._graph(rows, greedy, penalty).replay()
-            else:
-                gen._decode_step(rows, greedy, penalty)
-            tokens = gen.tokens[:rows, 0].cpu().tolist()
-            done = gen.done[:rows].cpu().tolist()
-        active = self.active
-        return self._report(active, [tokens[s] for s in active], [done[s] for s in active])
+            tokens = torch.empty(n, rows, dtype=torch.int64, device=gen.device)
+            done = torch.empty(n, rows, dtype=torch.bool, device=gen.device)
+            for i in range(n):
+                if gen.graphs:
+                    self._graph(rows, greedy, penalty).replay()
+                else:
+                    gen._decode_step(rows, greedy, penalty)
+                tokens[i].copy_(gen.tokens[:rows, 0])
+                done[i].copy_(gen.done[:rows])
+            tokens, done = tokens.cpu().tolist(), done.cpu().tolist()
+        out = []
+        for i in range(n):
+            active = self.active
+            if not active:
+                break
+            for slot in active:
+                self.slots[slot].left -= 1
+            out.append(self._report(active, [tokens[i][s] for s in active], [done[i][s] for s in active]))
+        return out
 
     def retire(self, slot: int) -> None:
         """End a row now (its client went away, or a stop string matched); a free slot is left as it is."""

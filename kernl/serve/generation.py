@@ -2,9 +2,11 @@
 
 One asyncio loop owns the batch (kernl.runtime.continuous). Each turn it retires rows whose clients went away or
 whose text hit a stop string, admits waiting requests into the free rows (their prefill runs as one call, beside
-the rows already decoding), and runs one decode step; the blocking GPU work of a turn runs in ONE worker thread,
-so the event loop keeps serving HTTP meanwhile. Every token goes to its request's stream at once; a row that
-finishes leaves the batch in the same turn and its client gets its final chunk. A full queue answers 503 at
+the rows already decoding), and runs decode steps: STEPS_PER_TURN of them read back at once while no request
+waits for a row (one host round trip per few tokens), one while some do (they join at the next step). The
+blocking GPU work of a turn runs in ONE worker thread, so the event loop keeps serving HTTP meanwhile. Tokens go
+to their requests' streams as each turn ends; a row that finishes leaves the batch in that turn and its client
+gets its final chunk (a stop string found mid-turn discards the row's few tokens after it). A full queue answers 503 at
 once; drain() refuses new requests and finishes every admitted and waiting one.
 """
 
@@ -25,6 +27,7 @@ from kernl.serve.metrics import GenerationMetrics
 from kernl.serve.scheduler import WorkerLoop
 
 log = logging.getLogger("kernl.serve")
+STEPS_PER_TURN = 4
 
 
 @dataclass
@@ -192,14 +195,15 @@ class GenerationScheduler(WorkerLoop):
         with self.lock:
             self.batch.warm()
 
-    def _work(self, retire: list[int], requests: list[Any]):
-        """One turn in the worker thread: retire rows, admit requests (one prefill call), one decode step."""
+    def _work(self, retire: list[int], requests: list[Any], steps: int):
+        """One turn in the worker thread: retire rows, admit requests (one prefill call), up to `steps` decode
+        steps read back together."""
         with self.lock:
             for slot in retire:
                 self.batch.retire(slot)
             admitted = self.batch.admit(requests) if requests else []
             rows = self.generator.batch_bucket(max(self.batch.slots) + 1) if self.batch.slots else 0
-            stepped = self.batch.step()
+            stepped = self.batch.steps(steps)
             return admitted, stepped, rows
 
     async def _loop(self) -> None:
@@ -223,9 +227,10 @@ class GenerationScheduler(WorkerLoop):
                 if not stream.cancelled:
                     take.append(stream)
             running = len(self._running)
+            steps = 1 if self._waiting else STEPS_PER_TURN  # a request waiting for a row joins at the next step
             try:
                 admitted, stepped, rows = await loop.run_in_executor(
-                    self._executor, self._work, retire, [s.request for s in take]
+                    self._executor, self._work, retire, [s.request for s in take], steps
                 )
             except Exception as err:  # never let the loop die: fail what was in the batch, keep serving
                 log.exception("kernl serve: a generation step failed")
@@ -240,17 +245,19 @@ class GenerationScheduler(WorkerLoop):
                 self._first(stream)
                 stream._token(token.token, token.finished)
                 delivered += 1
-            for token in stepped:
-                stream = self._running.get(token.slot)
-                if stream is None:
-                    continue
-                if not stream.finished:
-                    delivered += 1
-                stream._token(token.token, token.finished)
-                if token.finished:
-                    del self._running[token.slot]
-            if self.metrics is not None:
-                self.metrics.step(rows if stepped else 0, delivered, len(self.batch.slots))
+            for step in stepped or [[]]:
+                for token in step:
+                    stream = self._running.get(token.slot)
+                    if stream is None:
+                        continue
+                    if not stream.finished:
+                        delivered += 1
+                    stream._token(token.token, token.finished)
+                    if token.finished:
+                        del self._running[token.slot]
+                if self.metrics is not None:
+                    self.metrics.step(rows if step else 0, delivered, len(self.batch.slots))
+                delivered = 0
 
     def _first(self, stream: GenerationStream) -> None:
         if self.metrics is not None:

@@ -176,3 +176,22 @@ def test_max_rows_caps_the_rows_in_use(bundle):
         batch.set_max_rows(4)
     with pytest.raises(InputError, match="max_rows"):
         batch.set_max_rows(5)
+
+
+def test_several_steps_read_back_at_once_equal_single_steps(bundle):
+    """steps(n): n steps' tokens in one read; a row appears in no step after its last, and no more steps run than
+    the longest-lived row may take (n = 50 stops after 6 here)."""
+    gen, batch = batch_of(bundle)
+    prompts = [torch.randint(3, 99, (k,)).tolist() for k in (4, 6, 3)]
+    lengths = [7, 3, 5]
+    reqs = [gen.request([p], max_new_tokens=n, eos_token_id=[]) for p, n in zip(prompts, lengths)]
+    firsts = batch.admit(reqs)
+    slots = [first.slot for first in firsts]
+    got = {first.slot: [first.token] for first in firsts}
+    stepped = batch.steps(50)
+    assert len(stepped) == max(lengths) - 1 and not batch.slots
+    for i, step in enumerate(stepped):
+        assert [out.slot for out in step] == sorted(s for s, n in zip(slots, lengths) if n > i + 1)
+        for out in step:
+            got[out.slot].append(out.token)
+    assert [got[s] for s in slots] == [alone(bundle, p, n) for p, n in zip(prompts, lengths)]
