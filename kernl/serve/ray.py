@@ -15,7 +15,8 @@ from typing import Any
 
 from kernl.serve.options import ServeOptions
 
-APP_KEYS = ("max_batch_delay_ms", "max_queue", "max_batch", "model_name", "device", "trusted_keys", "chat_template")
+# kernl.serve.app's options: the serving ones (one owner: ServeOptions), then where and what to load.
+APP_KEYS = (*ServeOptions.__dataclass_fields__, "device", "trusted_keys")
 
 
 def _ray_serve():
