@@ -25,8 +25,9 @@ lock:
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 	rm -rf $(LOCK_VENV)
 
+# One worker a core, at most 4 (pytest-xdist): 13 min → 9 on 2 cores.
 test: install
-	$(PYTHON) -m pytest -q -n auto --maxprocesses 4 tests  # one worker a core (at most 4): 13 min → 9 on 2 cores
+	$(PYTHON) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup tests
 
 demo: install
 	$(PYTHON) -m kernl.demo

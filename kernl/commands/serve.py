@@ -54,7 +54,8 @@ def _serve_package():
     default=1,
     show_default=True,
     type=click.IntRange(1),
-    help="ranks of a tensor-parallel bundle: started on this host's GPUs, served through rank 0",
+    help="ranks of a tensor-parallel bundle: started on this host's GPUs (with --ray: on each replica's N GPUs), "
+    "served through rank 0",
 )
 @click.option("--ray-address", default=None, help="a running Ray cluster (default: RAY_ADDRESS, else a local one)")
 @trusted_key_option
@@ -80,8 +81,6 @@ def serve_command(
     /health, /v1/models, /metrics. --max-batch caps the rows a generation bundle decodes at once."""
     if not use_ray and (replicas != 1 or ray_address):
         raise CliError("--replicas and --ray-address go with --ray")
-    if use_ray and tensor_parallel > 1:
-        raise CliError("--tensor-parallel is not supported with --ray yet (a replica would need its own N-GPU group)")
     serve = _serve_package()
     from kernl.errors import KernlError
 
@@ -101,7 +100,8 @@ def serve_command(
 
             check_bundle_path(bundle)
             ready = lambda: click.echo(f"kernl serve: {replicas} Ray Serve replica(s) on http://{host}:{port}")  # noqa: E731
-            run_ray(bundle, host=host, port=port, replicas=replicas, address=ray_address, on_ready=ready, **options)
+            run_ray(bundle, host=host, port=port, replicas=replicas, address=ray_address, on_ready=ready,
+                    tensor_parallel=tensor_parallel, **options)  # fmt: skip
             return
         if tensor_parallel > 1:
             from kernl.serve.tensor_parallel import serve_tensor_parallel

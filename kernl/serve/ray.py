@@ -51,30 +51,42 @@ def ray_deployment(
     autoscaling_config: dict[str, Any] | None = None,
     ray_actor_options: dict[str, Any] | None = None,
     max_ongoing_requests: int | None = None,
+    tensor_parallel: int = 1,
     **options: Any,
 ):
     """A bound Ray Serve application (pass it to ray.serve.run) serving kernl.serve.app(bundle_path, **options).
 
     num_replicas, autoscaling_config (min_replicas, max_replicas, target_ongoing_requests...) and
     ray_actor_options go to serve.deployment as given; ray_actor_options defaults to num_gpus=1 for a CUDA bundle
-    and 0 for a CPU one. max_ongoing_requests (Ray's default is 5) defaults to max_queue, so that requests
-    reach the replica's batcher, which is where they are batched."""
+    and 0 for a CPU one, times tensor_parallel. With tensor_parallel=N (a bundle compiled for N ranks) each replica
+    reserves N GPUs (one actor: Ray places it on a node that has them all) and serves as rank 0, the other ranks
+    started in it on its GPUs (kernl.serve.tensor_parallel.start_ranks). max_ongoing_requests (Ray's default is 5)
+    defaults to max_queue, so that requests reach the replica's batcher, which is where they are batched."""
     serve = _ray_serve()
     unknown = sorted(set(options) - set(APP_KEYS))
     if unknown:
         raise TypeError(f"ray_deployment: unknown option {unknown[0]!r} (options: {', '.join(APP_KEYS)})")
     checked = ServeOptions(**{k: v for k, v in options.items() if k in ServeOptions.__dataclass_fields__})
+    if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+        raise ValueError(f"tensor_parallel must be an int >= 1, got {tensor_parallel!r}")
     path = str(Path(bundle_path).expanduser().resolve())
     app_options = dict(options)
 
     def build_app():  # runs in each replica: the bundle is loaded there, never pickled
         from kernl.serve.asgi import app
 
-        return app(path, **app_options)
+        if tensor_parallel == 1:
+            return app(path, **app_options)
+        from kernl.serve.tensor_parallel import start_ranks
+
+        rest = dict(app_options)
+        device, keys = rest.pop("device", None), rest.pop("trusted_keys", None)
+        mirrored, _ = start_ranks(path, tensor_parallel, device=device, trusted_keys=keys)
+        return app(mirrored, **rest)  # the followers leave with the replica's process
 
     settings: dict[str, Any] = {
         "name": name,
-        "ray_actor_options": {"num_gpus": gpus_per_replica(path), **(ray_actor_options or {})},
+        "ray_actor_options": {"num_gpus": tensor_parallel * gpus_per_replica(path), **(ray_actor_options or {})},
         "max_ongoing_requests": max_ongoing_requests or checked.max_queue,
     }
     if num_replicas is not None:

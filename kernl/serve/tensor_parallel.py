@@ -221,6 +221,37 @@ def _follower(rank: int, world_size: int, bundle: str, device: str | None, trust
         dist.destroy_process_group()
 
 
+def start_ranks(
+    bundle: str | os.PathLike, world_size: int, *, device: str | None = None, trusted_keys: list | None = None
+) -> tuple[Any, Callable[[], None]]:
+    """Rank 0 in this process, ranks 1..world_size-1 started here as processes that follow it (python -m
+    kernl.serve.tensor_parallel; one GPU each, cuda:<rank> of the GPUs this process sees). Returns rank 0's mirrored
+    bundle and close(), which stops the followers and joins them. A follower also leaves when this process dies."""
+    bundle = os.fspath(bundle)
+    trusted = [os.fspath(k) for k in trusted_keys] if trusted_keys else None
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    env = {**os.environ, "WORLD_SIZE": str(world_size)}
+    procs = []
+    for rank in range(1, world_size):
+        cmd = [sys.executable, "-m", "kernl.serve.tensor_parallel", bundle, str(rank), str(world_size)]
+        cmd += ["--device", device or ""] + [a for k in trusted or [] for a in ("--trusted-key", k)]
+        procs.append(subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+    try:
+        mirrored, close_group = _lead(bundle, world_size, device, trusted)
+    except BaseException:
+        _join(procs, timeout=5)
+        raise
+
+    def close() -> None:
+        try:
+            close_group()
+        finally:
+            _join(procs, timeout=60)
+
+    return mirrored, close
+
+
 def serve_tensor_parallel(
     bundle: str | os.PathLike,
     world_size: int,
@@ -229,46 +260,63 @@ def serve_tensor_parallel(
     device: str | None = None,
     trusted_keys: list | None = None,
 ) -> None:
-    """Load bundle on world_size ranks of this host and call serve(bundle) in this process, rank 0; the other
-    ranks are processes started here (python -m kernl.serve.tensor_parallel; one GPU each, cuda:<rank>) that
-    follow rank 0's calls. When serve returns (the server shut down) or raises, the other ranks stop and are
-    joined.
+    """Load bundle on world_size ranks of this host and call serve(bundle) in this process, rank 0, with the other
+    ranks following (start_ranks). When serve returns (the server shut down) or raises, the other ranks stop and
+    are joined.
 
     Under torchrun (RANK and WORLD_SIZE set), no process is started: rank 0 serves, the others follow.
     """
-    import kernl
-
     bundle = os.fspath(bundle)
     trusted = [os.fspath(k) for k in trusted_keys] if trusted_keys else None
-    torchrun = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == world_size
-    procs = []
-    if not torchrun:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        env = {**os.environ, "WORLD_SIZE": str(world_size)}
-        for rank in range(1, world_size):
-            cmd = [sys.executable, "-m", "kernl.serve.tensor_parallel", bundle, str(rank), str(world_size)]
-            cmd += ["--device", device or ""] + [a for k in trusted or [] for a in ("--trusted-key", k)]
-            procs.append(subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
-    rank = int(os.environ["RANK"]) if torchrun else 0
-    try:
-        if rank != 0:
-            _follower(rank, world_size, bundle, device, trusted)
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == world_size:
+        if int(os.environ["RANK"]) != 0:
+            _follower(int(os.environ["RANK"]), world_size, bundle, device, trusted)
             return
-        loaded = kernl.load(bundle, device=device, trusted_keys=trusted, rank=0, world_size=world_size)
-        group = dist.new_group(backend="gloo", timeout=_FOREVER)
-        mirrored = lead(loaded, group)
-        try:
-            serve(mirrored)
-        finally:
-            stop(mirrored)
-            dist.destroy_process_group()
+        mirrored, close = _lead(bundle, world_size, device, trusted)
+    else:
+        mirrored, close = start_ranks(bundle, world_size, device=device, trusted_keys=trusted)
+    try:
+        serve(mirrored)
     finally:
-        for proc in procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        close()
+
+
+def _lead(bundle: str, world_size: int, device: str | None, trusted: list | None) -> tuple[Any, Callable[[], None]]:
+    """Rank 0: its part loaded and mirrored; close() tells the followers to stop and leaves the group."""
+    import kernl
+
+    loaded = kernl.load(bundle, device=device, trusted_keys=trusted, rank=0, world_size=world_size)
+    group = dist.new_group(backend="gloo", timeout=_FOREVER)
+    mirrored = lead(loaded, group)
+
+    def close() -> None:
+        try:
+            stop(mirrored)
+        finally:
+            dist.destroy_process_group()
+
+    return mirrored, close
+
+
+def _join(procs: list[subprocess.Popen], timeout: float) -> None:
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _leave_with_parent() -> None:
+    """A follower blocks on rank 0's next call with no timeout: when the process that started it is gone (a Ray
+    replica stopped, a server killed), nothing would end it."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="kernl-follower-watch", daemon=True).start()
 
 
 def _main(argv: list[str]) -> None:
@@ -282,6 +330,7 @@ def _main(argv: list[str]) -> None:
             device = value or None
         elif flag == "--trusted-key":
             trusted.append(value)
+    _leave_with_parent()
     _follower(rank, world_size, bundle, device, trusted or None)
 
 

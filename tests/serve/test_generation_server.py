@@ -44,9 +44,9 @@ class InlineTemplate:
         (root / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-@pytest.fixture(scope="module")
-def gen(tmp_path_factory, cpu_references):
-    """(bundle path, the bundle loaded here, transformers' tokenizer)."""
+def tiny_chat_llama(path, tensor_parallel: int = 1):
+    """A tiny random Llama generation bundle at path with a word-level tokenizer (chat template in its config);
+    returns (the model, transformers' tokenizer)."""
     import transformers
 
     torch.manual_seed(0)
@@ -56,9 +56,17 @@ def gen(tmp_path_factory, cpu_references):
     model = transformers.LlamaForCausalLM(config).eval()
     tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)})
     tok.chat_template = TEMPLATE
-    path = tmp_path_factory.mktemp("gen") / "tiny-llama"
     kernl.compile(model, path, buckets=[], device="cpu", tokenizer=InlineTemplate(tok),
-                  generation={"max_length": MAX_LENGTH, "batch_sizes": [1, 2, 4], "seq_lens": [8, 16]})  # fmt: skip
+                  generation={"max_length": MAX_LENGTH, "batch_sizes": [1, 2, 4], "seq_lens": [8, 16]},
+                  tensor_parallel=tensor_parallel)  # fmt: skip
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory, cpu_references):
+    """(bundle path, the bundle loaded here, transformers' tokenizer)."""
+    path = tmp_path_factory.mktemp("gen") / "tiny-llama"
+    _, tok = tiny_chat_llama(path)
     return path, kernl.load(path, device="cpu"), tok
 
 
