@@ -133,6 +133,27 @@ def test_text_entries_rewrite_and_match_eager(text_bundle):
     assert all(c["cosine"] > 0.99999 and c["max_abs_diff"] < 2e-3 for c in checks), checks
 
 
+def test_first_use_captures_run_before_the_request_writes_state(text_bundle, monkeypatch):
+    """On CUDA a step is captured at its first use, and capturing runs it once for real. Emulated here (the step
+    run once when first asked for, then reused): a request's steps must be asked for before it writes its
+    positions and beams, else its first beam call starts one step ahead (the GPU failure this guards against)."""
+    from kernl.runtime.seq2seq import Seq2SeqGenerator
+
+    def first_use_runs(self, key, run, generator=False):
+        if key not in self.step_graphs:
+            run()
+            self.step_graphs[key] = run
+        return self.step_graphs[key]
+
+    monkeypatch.setattr(Seq2SeqGenerator, "_step", first_use_runs)
+    model, path = text_bundle
+    ids, mask = _ragged([11, 4, 9], model.generation_config.pad_token_id or 0)
+    bundle = kernl.load(path)
+    for options in ({"num_beams": 4}, {}):
+        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, **options)
+        assert torch.equal(bundle.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, **options), want)
+
+
 def test_text_bad_inputs(text_bundle):
     _, path = text_bundle
     bundle = kernl.load(path)
