@@ -188,13 +188,9 @@ class Generator:
 
     # ---- the steps, eager or captured ------------------------------------------------------------------
 
-    def _params(self, rows: int) -> SamplingParams:
-        views = {f.name: getattr(self.params, f.name)[:rows] for f in fields(self.params) if f.name != "all_greedy"}
-        return SamplingParams(**views, all_greedy=self.params.all_greedy)
-
     def _advance(self, logits: torch.Tensor, rows: int, greedy: bool, penalty: bool) -> None:
         """Sample each row's next token from logits [rows, vocab] and move the rows' state one step."""
-        params = self._params(rows)
+        params = self.params.head(rows)
         seen = self.seen[:rows] if penalty else None
         token = sample(logits, params, seen, self.rng, greedy_only=greedy)
         running = ~self.done[:rows]

@@ -143,6 +143,11 @@ class SamplingParams:
             all_greedy=all(t == 0 for t in temps),
         )
 
+    def head(self, rows: int) -> SamplingParams:
+        """The first rows' settings, as views of these tensors (what a step over those rows reads)."""
+        views = {f.name: getattr(self, f.name)[:rows] for f in fields(self) if f.name != "all_greedy"}
+        return SamplingParams(**views, all_greedy=self.all_greedy)
+
     def copy_(self, other: SamplingParams) -> SamplingParams:
         """Copy another batch's settings into these tensors in place (the ones a captured graph reads)."""
         for f in fields(self):

@@ -378,7 +378,7 @@ class Seq2SeqGenerator:
         first = (self.step_count[:rows] == 0)[:, None]
         banned = self.suppress[None, :] | (self.begin_suppress[None, :] & first)
         logits = logits.masked_fill(banned, float("-inf"))
-        params = self.params_view(rows)
+        params = self.params.head(rows)
         token = sample(logits, params, None, self.rng, greedy_only=greedy)
         running = ~self.done[:rows]
         update_done(token, params, self.step_count[:rows], self.done[:rows])
@@ -395,12 +395,6 @@ class Seq2SeqGenerator:
             cache[:rows].copy_(cache[:rows].index_select(0, state.parents))
         self.tokens[:rows, 0].copy_(state.tokens)
         self.positions[:rows].add_(1)
-
-    def params_view(self, rows: int) -> SamplingParams:
-        from dataclasses import fields
-
-        views = {f.name: getattr(self.params, f.name)[:rows] for f in fields(self.params) if f.name != "all_greedy"}
-        return SamplingParams(**views, all_greedy=self.params.all_greedy)
 
     def _step(self, key: tuple, run: Callable[[], None], generator: bool = False) -> Callable[[], None]:
         """run itself on CPU, else the replay of its graph (captured on first use)."""

@@ -1,15 +1,11 @@
 """Encoder-decoder generation bundles (tiny random Whisper, CPU fp32): greedy and beam search from a bundle on
 disk, loaded in a fresh process, token for token equal to transformers' generate; bad calls → InputError."""
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 import kernl
+from tests.runtime.seq2seq_fresh import generate_in_fresh_process
 
 pytestmark = pytest.mark.usefixtures("cpu_references")
 
@@ -40,48 +36,20 @@ def whisper_bundle(tmp_path_factory):
     return model, path
 
 
-FRESH = textwrap.dedent(
-    """
-    import json, os, sys
-    os.environ["TRITON_INTERPRET"] = "0"
-    import torch, kernl
-    bundle = kernl.load(sys.argv[1])
-    assert "transformers" not in sys.modules
-    out = {}
-    for name, call in json.loads(sys.argv[2]).items():
-        feats = torch.load(call.pop("features"))
-        out[name] = bundle.generate(input_features=feats, **call).tolist()
-    print(json.dumps(out))
-    """
-)
-
-
 def test_whisper_generate_matches_hf_in_a_fresh_process(whisper_bundle, tmp_path):
     model, path = whisper_bundle
     one, three = torch.randn(1, MEL, FRAMES), torch.randn(3, MEL, FRAMES)
-    torch.save(one, tmp_path / "one.pt")
-    torch.save(three, tmp_path / "three.pt")
     calls = {
-        "greedy_1": ({"features": str(tmp_path / "one.pt"), "max_new_tokens": 12}, one),
-        "greedy_3": ({"features": str(tmp_path / "three.pt"), "max_new_tokens": 12}, three),
-        "beams_1": ({"features": str(tmp_path / "one.pt"), "max_new_tokens": 10, "num_beams": 3}, one),
-        "beams_3": (
-            {"features": str(tmp_path / "three.pt"), "max_new_tokens": 10, "num_beams": 4, "length_penalty": 0.5},
-            three,
-        ),  # fmt: skip
-        "beams_early": (
-            {"features": str(tmp_path / "three.pt"), "max_new_tokens": 10, "num_beams": 2, "early_stopping": True},
-            three,
-        ),  # fmt: skip
+        "greedy_1": {"input_features": one, "max_new_tokens": 12},
+        "greedy_3": {"input_features": three, "max_new_tokens": 12},
+        "beams_1": {"input_features": one, "max_new_tokens": 10, "num_beams": 3},
+        "beams_3": {"input_features": three, "max_new_tokens": 10, "num_beams": 4, "length_penalty": 0.5},
+        "beams_early": {"input_features": three, "max_new_tokens": 10, "num_beams": 2, "early_stopping": True},
     }
-    args = json.dumps({name: call for name, (call, _) in calls.items()})
-    run = subprocess.run([sys.executable, "-c", FRESH, str(path), args], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = json.loads(run.stdout.strip().splitlines()[-1])
-    for name, (call, feats) in calls.items():
-        options = {k: v for k, v in call.items() if k != "features"}
+    got = generate_in_fresh_process(path, calls, tmp_path)
+    for name, call in calls.items():
         with torch.no_grad():
-            want = model.generate(feats, **options)
+            want = model.generate(**call)
         assert got[name] == want.tolist(), name
 
 

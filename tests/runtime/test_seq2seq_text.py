@@ -3,14 +3,12 @@ bundle on disk, loaded in a fresh process, token for token equal to transformers
 ragged (right-padded) batch of 3."""
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 import kernl
+from tests.runtime.seq2seq_fresh import generate_in_fresh_process
 
 pytestmark = pytest.mark.usefixtures("cpu_references")
 
@@ -62,22 +60,6 @@ def text_bundle(request, tmp_path_factory):
     return model, path
 
 
-FRESH = textwrap.dedent(
-    """
-    import json, os, sys
-    os.environ["TRITON_INTERPRET"] = "0"
-    import torch, kernl
-    bundle = kernl.load(sys.argv[1])
-    assert "transformers" not in sys.modules
-    out = {}
-    for name, call in json.loads(sys.argv[2]).items():
-        ids, mask = torch.tensor(call.pop("input_ids")), torch.tensor(call.pop("attention_mask"))
-        out[name] = bundle.generate(input_ids=ids, attention_mask=mask, **call).tolist()
-    print(json.dumps(out))
-    """
-)
-
-
 def _ragged(lengths: list[int], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids (as a tokenizer pads for these models) and their mask."""
     seq = max(lengths)
@@ -86,7 +68,7 @@ def _ragged(lengths: list[int], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.masked_fill(mask == 0, pad), mask
 
 
-def test_text_generate_matches_hf_in_a_fresh_process(text_bundle):
+def test_text_generate_matches_hf_in_a_fresh_process(text_bundle, tmp_path):
     model, path = text_bundle
     pad = model.generation_config.pad_token_id or 0
     one, three = _ragged([7], pad), _ragged([11, 4, 9], pad)
@@ -97,12 +79,8 @@ def test_text_generate_matches_hf_in_a_fresh_process(text_bundle):
         "beams_3": (three, {"max_new_tokens": 10, "num_beams": 4, "length_penalty": 0.5}),
         "beams_early": (three, {"max_new_tokens": 10, "num_beams": 2, "early_stopping": True}),
     }
-    args = {name: {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), **opts}
-            for name, ((ids, mask), opts) in calls.items()}  # fmt: skip
-    run = subprocess.run([sys.executable, "-c", FRESH, str(path), json.dumps(args)], capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = json.loads(run.stdout.strip().splitlines()[-1])
+    args = {name: {"input_ids": ids, "attention_mask": mask, **opts} for name, ((ids, mask), opts) in calls.items()}
+    got = generate_in_fresh_process(path, args, tmp_path)
     for name, ((ids, mask), opts) in calls.items():
         with torch.no_grad():
             want = model.generate(input_ids=ids, attention_mask=mask, **opts)
