@@ -44,6 +44,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="cuda: bf16, cpu: fp32")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--profile", type=Path, help="also write rank 0's GPU kernel table of 32 decode steps here")
     return p.parse_args()
 
 
@@ -142,26 +143,43 @@ def decode_rate(gen, vocab: int, prompt: int, new: int, repeats: int, device: to
     return {"prefill_s": first, "generate_s": full, "decode_ms_per_token": step * 1e3, "decode_tokens_per_s": 1 / step}
 
 
+def profile_decode(gen, vocab: int, prompt: int, rank: int, path: Path, steps: int = 32) -> None:
+    """Where a decode step's GPU time goes: the kernels of one generate call of steps tokens (graph replays
+    included), by total time, as torch.profiler tabulates them; rank 0 writes the table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(1))
+    req = gen.request(ids, None, max_new_tokens=steps, eos_token_id=[])
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        gen.run(req)
+        torch.cuda.synchronize()
+    if rank == 0:
+        path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+
+
 def all_reduce_us(hidden: int, dtype: torch.dtype, device: torch.device, world: int, calls: int = 100) -> float:
-    """Microseconds of one all-reduce of [1, hidden], as the decode step makes it: captured in a CUDA graph."""
+    """Microseconds of one all-reduce of [1, hidden] as the decode step makes it: kernl's all_reduce (NCCL, or
+    one-shot over NVLink with KERNL_ALL_REDUCE=one_shot), 100 back to back in a CUDA graph."""
+    from kernl.kernels.collectives import all_reduce
+
     if world == 1:
         return 0.0
     x = torch.zeros(1, hidden, dtype=dtype, device=device)
     if device.type != "cuda":
-        dist.all_reduce(x)
+        all_reduce(x)
         start = time.perf_counter()
         for _ in range(calls):
-            dist.all_reduce(x)
+            all_reduce(x)
         return (time.perf_counter() - start) / calls * 1e6
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        dist.all_reduce(x)  # the communicator starts outside the capture
+        all_reduce(x)  # the communicator (or the peer buffer) is set up outside the capture
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=side):
         for _ in range(calls):
-            dist.all_reduce(x)
+            x = all_reduce(x)
     graph.replay()
     torch.cuda.synchronize(device)
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -195,6 +213,7 @@ def main() -> None:
     rank, world, device = start_ranks(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     g = geometry(args)
+    from kernl.kernels import peer_all_reduce
     from kernl.kernels.session import compile_session
     from kernl.runtime.generation import Generator, Settings
 
@@ -210,6 +229,8 @@ def main() -> None:
         gen.capture()
         t_capture = time.perf_counter() - t1
         rate = decode_rate(gen, g["vocab"], args.prompt, args.new_tokens, args.repeats, device)
+        if args.profile is not None and device.type == "cuda":
+            profile_decode(gen, g["vocab"], args.prompt, rank, args.profile)
     ar_us = all_reduce_us(g["hidden"], dtype, device, world)
     bandwidth = copy_bandwidth(device)
     floor_ms = weight_bytes / bandwidth * 1e3
@@ -226,6 +247,7 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         **rate,
         "all_reduce_us": ar_us,
+        "all_reduce_path": peer_all_reduce.status() or "nccl",
         "all_reduces_per_step": low.report.get("tp_all_reduce", 0),
         "all_gathers_per_step": low.report.get("tp_vocab_lm_head", 0),
         "vocab_parallel": {"embedding": bool(vocab.get("embedding")), "lm_head": bool(vocab.get("lm_head"))},

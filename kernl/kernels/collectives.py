@@ -3,7 +3,8 @@ vocabulary-parallel embedding's lookup), and the gather of a vocabulary-parallel
 
 torch.distributed does the work (NCCL on GPUs, gloo on CPU), over the default process group. On the
 current CUDA stream, NCCL's all_reduce is captured by a CUDA graph like any kernel, so a rank's graph holds
-its reductions and replays them without the host. On one process (no group, or a group of one) the sum is
+its reductions and replays them without the host. With KERNL_ALL_REDUCE=one_shot, small sums on GPUs take the one-shot
+path over NVLink instead (kernels/peer_all_reduce.py). On one process (no group, or a group of one) the sum is
 the tensor itself.
 
 For checks at compile time, the ranks can also be threads of one process (ThreadRanks): each thread runs
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from kernl.kernels._custom_ops import custom_op
+from kernl.kernels.peer_all_reduce import one_shot_all_reduce
 
 _thread = threading.local()  # .ranks, .rank: set by ThreadRanks.run in the threads it starts
 
@@ -30,7 +32,8 @@ def world_size() -> int:
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum of x over the ranks of the default process group, in x's own memory: x is overwritten and returned.
+    """Sum of x over the ranks of the default process group: the returned tensor, which may be x itself,
+    overwritten (NCCL sums in place; the one-shot path writes a new tensor).
 
     x: any shape, the same on every rank. The sharding pass calls it on a row-parallel linear's fresh
     output, which nothing else reads: summing in place spares a copy of every partial on every layer.
@@ -42,6 +45,9 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
         return x
     if not x.is_contiguous():
         raise ValueError(f"x: all_reduce sums contiguous tensors in place, got strides {x.stride()}")
+    summed = one_shot_all_reduce(x)
+    if summed is not None:
+        return summed
     dist.all_reduce(x, op=dist.ReduceOp.SUM)  # synchronous: on CUDA it is queued on the current stream
     return x
 

@@ -5,6 +5,7 @@ on the case's inputs and saves its outputs. Used by tests/runtime/test_tensor_pa
     python -m tests.runtime.tp_worker CASE_DIR OUT_DIR
     python -m tests.runtime.tp_worker --bundle BUNDLE INPUTS_FILE OUT_DIR   (kernl.load, as an application would)
     python -m tests.runtime.tp_worker --generate BUNDLE PROMPTS_FILE OUT_DIR (greedy, seeded and unseeded sampling)
+    python -m tests.runtime.tp_worker --all-reduce OUT_DIR                   (GPUs: kernl's all_reduce alone)
 """
 
 from __future__ import annotations
@@ -92,6 +93,43 @@ def run_generate(bundles: str, prompts_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def run_all_reduce(out_dir: str) -> None:
+    """kernl's all_reduce on this rank's GPU over NCCL's group: sums of several sizes and dtypes, called directly
+    and replayed from a CUDA graph with new values, saved with this rank's inputs and the path each dtype took."""
+    from kernl.kernels import peer_all_reduce
+    from kernl.kernels.collectives import all_reduce
+
+    rank = int(os.environ["RANK"])
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=60))
+    gen = torch.Generator().manual_seed(100 + rank)
+    results = {}
+    shapes = {"decode": ((1, 4096), torch.bfloat16), "batch": ((8, 4096), torch.float32),
+              "odd": ((3, 5), torch.float32), "prefill": ((64, 4096), torch.bfloat16)}  # fmt: skip
+    for name, (shape, dtype) in shapes.items():
+        x = torch.randn(shape, generator=gen).to(dtype)
+        results[f"{name}/input"] = x
+        results[f"{name}/direct"] = all_reduce(x.to(device)).cpu()
+        static = torch.zeros(shape, dtype=dtype, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            all_reduce(static.clone())  # set up outside the capture, as a bundle's warm-up run does
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            summed = all_reduce(static)
+        y = torch.randn(shape, generator=gen).to(dtype)
+        static.copy_(y)
+        graph.replay()
+        results[f"{name}/graph_input"] = y
+        results[f"{name}/graph"] = summed.cpu()
+    results["paths"] = json.dumps(peer_all_reduce.status())
+    torch.save(results, os.path.join(out_dir, f"out.rank{rank}.pt"))
+    _leave_after_nccl()
+
+
 def _leave_after_nccl() -> None:
     """NCCL's teardown after CUDA graphs that hold its collectives can wait forever: a rank whose results are saved
     leaves at once (gloo ranks tear down as usual)."""
@@ -113,5 +151,7 @@ if __name__ == "__main__":
         run_bundle(*sys.argv[2:5])
     elif sys.argv[1] == "--generate":
         run_generate(*sys.argv[2:5])
+    elif sys.argv[1] == "--all-reduce":
+        run_all_reduce(sys.argv[2])
     else:
         run_cases(sys.argv[1], sys.argv[2])
