@@ -288,11 +288,12 @@ else:
     bundle.generate(input_ids=torch.randint(3, 100, (1, s["seq_lens"][-1])), max_new_tokens=1)
 t3 = time.perf_counter()
 print(json.dumps({"torch_ready_s": t1 - t0, "load_s": t2 - t1, "first_token_s": t3 - t2, "total_s": t3 - t0,
+                  "torch_ready_to_first_token_s": t3 - t1,
                   **bundle.load_timings}))
 """
 
 
-def cold_first_token(path: str, device: str, runs: int = 3) -> dict:
+def cold_first_token(path: str, device: str, runs: int = 5) -> dict:
     """Fresh processes, alternated: bare torch with CUDA init, and kernl (load with lazy capture) to a first token."""
     bare = "import torch; torch.cuda.init(); torch.empty(1, device='cuda'); torch.cuda.synchronize()"
     bare = bare if device == "cuda" else "import torch"
@@ -306,9 +307,13 @@ def cold_first_token(path: str, device: str, runs: int = 3) -> dict:
                 return {**out, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
             if key == "kernl_s":
                 out["kernl_phases"] = json.loads(done.stdout.strip().splitlines()[-1])
+                out.setdefault("torch_ready_to_first_token_s", []).append(
+                    round(out["kernl_phases"]["torch_ready_to_first_token_s"], 3)
+                )
     out["bare_median_s"] = statistics.median(out["bare_s"])
     out["kernl_median_s"] = statistics.median(out["kernl_s"])
     out["kernl_minus_bare_s"] = round(out["kernl_median_s"] - out["bare_median_s"], 3)
+    out["torch_ready_to_first_token_median_s"] = statistics.median(out["torch_ready_to_first_token_s"])
     return out
 
 

@@ -421,7 +421,8 @@ class Seq2SeqGenerator:
         for bucket in ((b, q) for b in s.batch_sizes for q in s.seq_lens):
             self._encode_entry(bucket)
         for rows in s.batch_sizes:
-            self._step(("prefix", rows, 1), lambda r=rows: self._prefix_step(r, r))
+            if len(s.decoder_prefix) > 1:
+                self._step(("prefix", rows, 1), lambda r=rows: self._prefix_step(r, r))
             self._step(("sample", rows, True), lambda r=rows: self._sample_step(r, True))
 
     # ---- running a request -----------------------------------------------------------------------------
@@ -444,7 +445,9 @@ class Seq2SeqGenerator:
         """(prefix step, decode step) of a request, captured now if new: before the request writes any state,
         since a capture's warm run moves positions, caches and beams."""
         rows = req.bucket * req.num_beams
-        prefix = self._step(("prefix", req.bucket, req.num_beams), lambda: self._prefix_step(rows, req.bucket))
+        prefix = _unused  # one prefix token (T5, BART): the first decode step reads it, no prefix step runs
+        if len(req.prefix) > 1:
+            prefix = self._step(("prefix", req.bucket, req.num_beams), lambda: self._prefix_step(rows, req.bucket))
         if req.num_beams > 1:
             state = self._beam_state(req.bucket, req.num_beams)
             return prefix, self._step(("beam", req.bucket, req.num_beams), lambda: self._beam_step(state, req.bucket))
@@ -517,6 +520,10 @@ class Seq2SeqGenerator:
         self._loop(step, req.max_new_tokens, state.all_done)
         seq, _ = finalize(state)
         return seq.cpu()
+
+
+def _unused() -> None:
+    raise AssertionError("a prefix step for a request whose prefix is one token")
 
 
 def _padded(params: SamplingParams, rows: int) -> SamplingParams:
