@@ -1,7 +1,7 @@
 """Serving bundles over HTTP: `kernl serve BUNDLE`, kernl.serve.app(bundle) (an ASGI app), Ray Serve replicas.
 
-Needs the serve extra: pip install 'kernl[serve]' (FastAPI, uvicorn, prometheus_client); Ray Serve replicas
-also need 'kernl[ray]'. The runtime (kernl.load) never imports this package.
+Needs the serve extra: pip install 'kernl[serve]' (FastAPI, uvicorn, prometheus_client; orjson for faster JSON,
+optional); Ray Serve replicas also need 'kernl[ray]'. The runtime (kernl.load) never imports this package.
 """
 
 from __future__ import annotations

@@ -5,63 +5,46 @@ masked LM), POST /v1/completions and /v1/chat/completions (generation, OpenAI-co
 events with stream: true; continuous batching), GET /health, GET /v1/models, GET /metrics (Prometheus).
 Status codes: 400 bad parameters, 404 an unknown model or path, 413 more or longer inputs than the largest bucket,
 422 a malformed body, 503 a full queue or a server shutting down, 500 anything unexpected (the server keeps
-serving).
+serving). The encoder endpoints are answered by kernl.serve.fast_routes in front of FastAPI's router.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException
+from pydantic import BaseModel
 
-from kernl.errors import InputError, KernlError
+from kernl.errors import KernlError
 from kernl.serve.batcher import DynamicBatcher
+from kernl.serve.bodies import parse_body
 from kernl.serve.completions import Completions
-from kernl.serve.encoder import Encoder, EncoderHandler, Texts
-from kernl.serve.errors import ModelNotFound, status_of
+from kernl.serve.encoder import Encoder, EncoderHandler
+from kernl.serve.endpoints import Endpoint, Served, check_model, encoder_endpoints
+from kernl.serve.fast_routes import FastRoutes
 from kernl.serve.generation import GenerationScheduler
 from kernl.serve.metrics import CONTENT_TYPE, Metrics
 from kernl.serve.observe import Observe
 from kernl.serve.options import ServeOptions
 from kernl.serve.pooling import Pooling
+from kernl.serve.responses import EXPECTED, error_response, json_response
 from kernl.serve.scheduler import Dispatcher
-from kernl.serve.schemas import ChatBody, CompletionBody, EmbeddingsBody, PredictBody, SamplingBody
+from kernl.serve.schemas import ChatBody, CompletionBody, SamplingBody
 from kernl.serve.tasks import check_masks, classify, embeddings, fill_masks, serve_task
 
 log = logging.getLogger("kernl.serve")
 ENDPOINTS = frozenset(
     {"/v1/embeddings", "/v1/predict", "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
 )
-ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error"}
-
-
-@dataclass
-class Served:
-    """What the routes share: the bundle, its name and task, the dispatcher and the metrics."""
-
-    bundle: Any
-    name: str
-    task: str
-    dispatcher: Dispatcher
-    metrics: Metrics
-    created: int
-    dim: int | None = None
-    ready: bool = False
-    completions: Completions | None = None
 
 
 def app(
@@ -149,53 +132,24 @@ def _serve_generation(bundle: Any, name: str, task: str, options: ServeOptions) 
     return served
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    headers = {"Retry-After": "1"} if status == 503 else None
-    body = {"error": {"message": message, "type": kind, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+async def _answer_error(request: Request, err: Exception) -> Response:
+    return error_response(err)
 
 
-def _is_json(content_type: str | None) -> bool:
-    kind = (content_type or "").split(";", 1)[0].strip().lower()
-    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+def _route(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+    """A FastAPI endpoint for endpoint: the same parsing and answer as FastRoutes gives it."""
 
+    async def answer(request: Request) -> Response:
+        body = parse_body(endpoint.model, await request.body(), request.headers.get("content-type"))
+        return json_response(await endpoint.answer(body))
 
-async def _body(request: Request, model: type[BaseModel]) -> Any:
-    """The JSON body as model, as a FastAPI body parameter gives it (the same checks and 422 errors) without
-    FastAPI's dependency solving, a measurable part of a small request's time."""
-    data = raw = await request.body()
-    if _is_json(request.headers.get("content-type")):
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as err:
-            error = {"type": "json_invalid", "loc": ("body", err.pos), "msg": "JSON decode error", "input": {}}
-            raise RequestValidationError([{**error, "ctx": {"error": err.msg}}]) from None
-    if not isinstance(data, dict):
-        msg = "Input should be a valid dictionary or object to extract fields from"
-        raise RequestValidationError([{"type": "model_attributes_type", "loc": ("body",), "msg": msg, "input": data}])
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        errors = err.errors(include_url=False)
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+    return answer
 
 
 def _schema(model: type[BaseModel]) -> dict:
-    """The OpenAPI request body of a route that parses its body itself (_body)."""
+    """The OpenAPI request body of a route that parses its body itself (kernl.serve.bodies)."""
     schema = {"content": {"application/json": {"schema": model.model_json_schema()}}, "required": True}
     return {"requestBody": schema}
-
-
-def _check_model(served: Served, model: str | None) -> None:
-    if model is not None and model != served.name:
-        raise ModelNotFound(f"model {model!r}: not served here (this server serves {served.name!r})")
-
-
-def _check_dimensions(asked: int | None, dim: int | None) -> None:
-    # Only the model's own size: truncating would be right for Matryoshka-trained models alone.
-    if asked is not None and dim is not None and asked != dim:
-        raise InputError(f"dimensions: {asked} asked; this model's embeddings have {dim}")
 
 
 def _embedding_dim(manifest: dict[str, Any], pooling: Pooling) -> int | None:
@@ -219,27 +173,12 @@ def _routes(served: Served) -> FastAPI:
 
     api = FastAPI(title=f"kernl: {served.name}", lifespan=lifespan, docs_url=None, redoc_url=None)
     api.state.kernl = served
+    hot = encoder_endpoints(served)
+    if hot:  # FastRoutes answers them inside Observe (one owner of the metrics), so it is added first
+        api.add_middleware(FastRoutes, endpoints=hot)
     api.add_middleware(Observe, metrics=served.metrics, endpoints=ENDPOINTS)
-
-    @api.exception_handler(KernlError)
-    async def kernl_error(request: Request, err: KernlError) -> JSONResponse:
-        return _error(status_of(err), str(err))
-
-    @api.exception_handler(RequestValidationError)
-    async def bad_body(request: Request, err: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-            for e in err.errors()
-        )
-        return _error(422, problems or "malformed request body")
-
-    @api.exception_handler(HTTPException)
-    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
-        return _error(err.status_code, str(err.detail))
-
-    @api.exception_handler(Exception)
-    async def unexpected(request: Request, err: Exception) -> JSONResponse:
-        return _error(500, f"internal error: {type(err).__name__}: {err}")
+    for kind in (*EXPECTED, Exception):  # one handler: responses.problem words every error
+        api.add_exception_handler(kind, _answer_error)
 
     @api.get("/health")
     async def health() -> JSONResponse:
@@ -272,41 +211,13 @@ def _routes(served: Served) -> FastAPI:
         served.metrics.generation.refresh()
         return Response(served.metrics.text(), media_type=CONTENT_TYPE)
 
-    if "embeddings" in served.dispatcher.kinds:
-
-        @api.post("/v1/embeddings", openapi_extra=_schema(EmbeddingsBody))
-        async def create_embeddings(request: Request) -> JSONResponse:
-            body = await _body(request, EmbeddingsBody)
-            _check_model(served, body.model)
-            _check_dimensions(body.dimensions, served.dim)
-            answer = await served.dispatcher.submit("embeddings", Texts(body.texts(), {}))
-            vectors = answer.result
-            _check_dimensions(body.dimensions, vectors.shape[-1])
-            if body.encoding_format == "base64":
-                rows = [base64.b64encode(v.contiguous().numpy().astype("<f4").tobytes()).decode() for v in vectors]
-            else:
-                rows = vectors.tolist()
-            data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)]
-            usage = {"prompt_tokens": answer.tokens, "total_tokens": answer.tokens}
-            return JSONResponse({"object": "list", "data": data, "model": served.name, "usage": usage})
-
-    if "predict" in served.dispatcher.kinds:
-
-        @api.post("/v1/predict", openapi_extra=_schema(PredictBody))
-        async def predict(request: Request) -> JSONResponse:
-            body = await _body(request, PredictBody)
-            _check_model(served, body.model)
-            answer = await served.dispatcher.submit("predict", Texts(body.texts(), {"top_k": body.top_k}))
-            data = [{"object": "prediction", "index": i, **row} for i, row in enumerate(answer.result)]
-            usage = {"prompt_tokens": answer.tokens, "total_tokens": answer.tokens}
-            return JSONResponse(
-                {"object": "list", "data": data, "model": served.name, "task": served.task, "usage": usage}
-            )
+    for path, endpoint in hot.items():  # reached only past FastRoutes: other methods (405), the OpenAPI schema
+        api.add_api_route(path, _route(endpoint), methods=["POST"], openapi_extra=_schema(endpoint.model))
 
     if "generate" in served.dispatcher.kinds:
 
         async def generate(body: SamplingBody, chat: bool) -> Response:
-            _check_model(served, body.model)
+            check_model(served, body.model)
             make = served.completions.chat_job if chat else served.completions.completion_job
             job = await asyncio.to_thread(make, body)  # tokenizing and rendering the template: off the loop
             stream = await served.dispatcher.submit("generate", job)

@@ -9,6 +9,7 @@ import torch
 from kernl.errors import InputError
 from kernl.serve.encoder import Texts
 from kernl.serve.pooling import Pooling
+from kernl.serve.responses import check_finite
 
 
 def serve_task(manifest: dict[str, Any]) -> str:
@@ -38,6 +39,7 @@ def classify(id2label: dict[str, str]):
 
     def finish(payload: Texts, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> list[dict]:
         probs = outputs["logits"].float().softmax(-1)
+        check_finite(probs)
         answers = []
         for row in probs.tolist():
             order = sorted(range(len(row)), key=lambda i: -row[i])
@@ -80,6 +82,7 @@ def fill_masks(tokenizer: Any):
             for pos in (ids[row] == mask_id).nonzero().flatten().tolist():
                 probs = logits[row, pos].float().softmax(-1)
                 values, top = probs.topk(min(top_k, probs.numel()))
+                check_finite(values)
                 masks.append(
                     {
                         "position": pos,
