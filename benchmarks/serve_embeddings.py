@@ -1,6 +1,11 @@
 """`kernl serve` under load against a FastAPI app that runs the HF model eagerly per request, and against the
 bundle called directly in-process, for /v1/embeddings.
 
+The HTTP floor: a minimal ASGI app (no FastAPI, no model, no tokenizer) on kernl serve's own uvicorn settings
+(kernl.serve.server.run_asgi) answering every POST with a real answer of kernl serve for the geometry, captured
+once. What the same load generator measures against it is the client's and HTTP's share of a request, which no
+server removes: kernl's own cost at one client is kernl p50 - floor p50 - direct p50.
+
 Both servers run in their own processes on localhost; the load generator runs N clients for T seconds, spread
 over --procs processes (each with its own event loop and HTTP client, so the client is not the bottleneck at 64
 clients), each client posting one text of 1-30 words at a time; every request's latency is recorded and merged.
@@ -78,6 +83,35 @@ def embed(body: Body):
 @app.get("/health")
 def health():
     return {"status": "ok"}
+"""
+
+# The HTTP floor: argv[1] a precomputed answer (bytes), argv[2] the port. Reads each request's body, as an app must.
+FLOOR_APP = r"""
+import sys
+from pathlib import Path
+from kernl.serve.server import run_asgi
+
+ANSWER = Path(sys.argv[1]).read_bytes()
+HEALTH = b'{"status":"ok"}'
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            done = {"lifespan.startup": "lifespan.startup.complete", "lifespan.shutdown": "lifespan.shutdown.complete"}
+            await send({"type": done[message["type"]]})
+            if message["type"] == "lifespan.shutdown":
+                return
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    routes = {("POST", "/v1/embeddings"): (200, ANSWER), ("GET", "/health"): (200, HEALTH)}
+    status, body = routes.get((scope["method"], scope["path"]), (404, b"{}"))
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+run_asgi(app, port=int(sys.argv[2]), log_level="warning")
 """
 
 
@@ -240,7 +274,7 @@ def main() -> None:
     env = {**base, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     results = {"gpu": gpu, "torch": torch.__version__, "clients": args.clients, "procs": args.procs,
-               "seconds": args.seconds, "buckets": buckets, "models": {}}  # fmt: skip
+               "seconds": args.seconds, "buckets": buckets, "http": http_stack(), "models": {}}  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="kernl-serve-bench-"))
     for geometry in args.geometry.split(","):
         res: dict = {}
@@ -253,9 +287,21 @@ def main() -> None:
         cli = [sys.executable, "-c", "from kernl.cli import main; main()", "serve", str(bundle), "--port", str(port),
                "--max-batch-delay-ms", "2", "--log-level", "warning", "--device", args.device]  # fmt: skip
         proc = start(cli, env, port, work / f"{geometry}-kernl.log")
+        answer = work / f"{geometry}-answer.json"
         try:
+            answer.write_bytes(_answer(port, pool[0]))
             res["kernl_1"] = load(port, 1, args.seconds / 2, pool)
             res[f"kernl_{args.clients}"] = load(port, args.clients, args.seconds, pool, args.procs)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        res["answer_bytes"] = answer.stat().st_size
+        port = free_port()
+        floor = [sys.executable, "-c", FLOOR_APP, str(answer), str(port)]
+        proc = start(floor, env, port, work / f"{geometry}-floor.log")
+        try:
+            res["floor_1"] = load(port, 1, args.seconds / 2, pool)
+            res[f"floor_{args.clients}"] = load(port, args.clients, args.seconds, pool, args.procs)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -278,10 +324,56 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
         res["server_overhead_p50"] = res["kernl_1"]["p50_ms"] / res["direct_1"]["p50_ms"] - 1
+        # What kernl adds beyond the call itself and beyond what the client and HTTP cost any server (the floor).
+        beyond = res["kernl_1"]["p50_ms"] - res["floor_1"]["p50_ms"] - res["direct_1"]["p50_ms"]
+        res["beyond_floor_p50_ms"] = beyond
+        res["beyond_floor_pct_of_direct"] = 100 * beyond / res["direct_1"]["p50_ms"]
         results["models"][geometry] = res
         print(geometry, json.dumps(res, indent=1), flush=True)
+    print(table(results), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def _answer(port: int, text: str) -> bytes:
+    """kernl serve's answer to one text: the floor answers every request with it (same fields, same size)."""
+    import httpx
+
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": text}, timeout=60)
+    r.raise_for_status()
+    return r.content
+
+
+def http_stack() -> dict:
+    """What uvicorn runs on here (its "auto" loop and HTTP: uvloop and httptools when importable)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {name: installed(name) for name in ("uvicorn", "uvloop", "httptools", "orjson", "httpx")}
+
+
+def table(results: dict) -> str:
+    """A markdown table of the p50s at one client and the throughput at --clients, one row a geometry."""
+    n = results["clients"]
+    rows = [
+        f"| geometry | direct p50 | kernl p50 | HTTP floor p50 | kernl beyond floor (% of direct) "
+        f"| kernl {n} clients | floor {n} clients | HF eager {n} clients |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for geometry, res in results["models"].items():
+        under = [res[f"{name}_{n}"] for name in ("kernl", "floor", "hf_eager")]
+        loaded = " | ".join(f"{r['rps']:.0f} req/s, p50 {r['p50_ms']:.2f} ms" for r in under)
+        rows.append(
+            f"| {geometry} | {res['direct_1']['p50_ms']:.2f} ms | {res['kernl_1']['p50_ms']:.2f} ms "
+            f"| {res['floor_1']['p50_ms']:.2f} ms | {res['beyond_floor_p50_ms']:.2f} ms "
+            f"({res['beyond_floor_pct_of_direct']:.0f}%) | {loaded} |"
+        )
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":
