@@ -11,6 +11,7 @@ from kernl.kernels import autotune_cache
 from kernl.kernels._backend import HAS_TRITON, check_tensor, runs_triton
 from kernl.kernels._custom_ops import custom_op
 from kernl.kernels._gemm import check_activation, fit_configs, torch_activation
+from kernl.kernels._gemv import GEMV, gemv_configs
 
 # Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per M bucket, best guess first.
 # Two fp32 accumulators and two weight tiles per stage: tiles are a size smaller than linear's at
@@ -25,7 +26,12 @@ _CONFIGS_BY_M = (
 
 @functools.cache
 def gated_linear_configs(m_bucket: int, n: int, k: int, elem_size: int) -> list[dict[str, int]]:
-    """The configs the autotuner tries for one problem class; the first is the untuned default."""
+    """The configs the autotuner tries for one problem class; the first is the untuned default.
+
+    M buckets of a few rows get the GEMV configs alone (see linear_configs)."""
+    gemv = gemv_configs(m_bucket, n, k, weight_tiles=2)
+    if gemv:
+        return gemv
     table = next(rows for limit, rows in _CONFIGS_BY_M if limit is None or m_bucket <= limit)
     if m_bucket <= 16 and n > 2048:
         # Enough 64-wide column tiles to fill the GPU: prefer them over the 32-wide default.
@@ -38,6 +44,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from kernl.kernels._gemm import apply_activation, grouped_tile
+    from kernl.kernels._gemv import launch_gated_gemv
     from kernl.kernels._pdl import pdl_options, prefetch_span, prefetch_weight_l2, wait_for_inputs
 
     @triton.jit
@@ -118,6 +125,9 @@ if HAS_TRITON:
         prefetch = prefetch_span(pdl, m, k) if k_rows else 0
 
         def run(config: dict[str, int]) -> None:
+            if config.get(GEMV):
+                launch_gated_gemv(x2, weight_gate, weight_up, y2, activation, config)
+                return
             # One program per output tile (plain ints: triton.cdiv costs microseconds per launch).
             grid = (-(-m // config["BLOCK_M"]) * -(-n // config["BLOCK_N"]),)
             gated_linear_kernel[grid](

@@ -11,6 +11,7 @@ from kernl.kernels import autotune_cache
 from kernl.kernels._backend import HAS_TRITON, check_tensor, runs_triton
 from kernl.kernels._custom_ops import custom_op
 from kernl.kernels._gemm import check_activation, fit_configs, torch_activation
+from kernl.kernels._gemv import GEMV, gemv_configs
 from kernl.kernels._split_k import split_k_configs
 
 # The config key that selects cuBLAS instead of a Triton tile config.
@@ -35,13 +36,21 @@ _CONFIGS_BY_M = (
 
 
 @functools.cache
-def linear_configs(m_bucket: int, n: int, k: int, elem_size: int, heavy_epilogue: bool) -> list[dict[str, int]]:
+def linear_configs(
+    m_bucket: int, n: int, k: int, elem_size: int, heavy_epilogue: bool, weight_transposed: bool = False
+) -> list[dict[str, int]]:
     """The configs the autotuner tries for one problem class; the first is the untuned default.
 
     heavy_epilogue: an activation or a residual; its temporaries need registers, so the accumulator
     gets half as many per thread (more warps, or the config goes).
     Split-K variants (a SPLIT_K key) follow the plain configs where few tiles would leave SMs idle.
+    M buckets of a few rows over a [N, K] weight get the GEMV configs alone: in a graph of cold decode-shape
+    linears (benchmarks/decode_linears.py) they beat every tile, split-K and cuBLAS candidate, which win
+    only the tuner's isolated timings, where no previous kernel's tail overlaps their start.
     """
+    gemv = [] if weight_transposed else gemv_configs(m_bucket, n, k)
+    if gemv:
+        return gemv
     table = next(rows for limit, rows in _CONFIGS_BY_M if limit is None or m_bucket <= limit)
     if m_bucket <= 16 and n > 2048:
         # Enough 64-wide column tiles to fill the GPU: prefer them over the 32-wide default.
@@ -60,6 +69,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from kernl.kernels._gemm import accumulate_k_range, apply_activation, grouped_tile
+    from kernl.kernels._gemv import launch_gemv
     from kernl.kernels._pdl import pdl_options, prefetch_span, prefetch_weight_l2, wait_for_inputs
     from kernl.kernels._split_k import launch_split_k
 
@@ -160,6 +170,9 @@ if HAS_TRITON:
             if config.get("SPLIT_K", 1) > 1:
                 launch_split_k(x2, weight, stride_wn, stride_wk, bias, r2, y2, act, config)
                 return
+            if config.get(GEMV):
+                launch_gemv(x2, weight, stride_wn, stride_wk, bias, r2, y2, act, config)
+                return
             if "SPLIT_K" in config:  # SPLIT_K=1 is the plain kernel, which takes no such argument
                 config = {name: value for name, value in config.items() if name != "SPLIT_K"}
             # One program per output tile (plain ints: triton.cdiv costs microseconds per launch).
@@ -192,7 +205,7 @@ if HAS_TRITON:
             )
 
         heavy_epilogue = act != "none" or r2 is not None
-        candidates = linear_configs(key[1], n, k, x2.element_size(), heavy_epilogue)
+        candidates = linear_configs(key[1], n, k, x2.element_size(), heavy_epilogue, weight_transposed)
         run(autotune_cache.tune("linear", key, candidates, run, benchmark=x2.is_cuda))
 
 

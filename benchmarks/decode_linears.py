@@ -1,0 +1,174 @@
+"""Decode-step linears timed the way a decode step runs them, each candidate config forced in turn.
+
+A batch-1 decode step is a chain of short GEMVs whose weights are cold (the model streams through L2), with
+programmatic dependent launch overlapping each Triton kernel's start with the previous one's tail. The
+autotuner times a candidate alone (do_bench, L2 flushed, no predecessor to overlap). Here every candidate
+runs as a CUDA graph of back-to-back calls on rotating weight copies (more bytes than L2 holds), so the
+figure is µs per call inside a chain, the bandwidth it reaches, and which candidate the tuner picks (at a few
+rows it now chooses among the GEMV configs only; the other candidates are timed here for comparison).
+
+    python3 benchmarks/decode_linears.py --json out.json            # the Llama-8B tp=1/tp=2 and 1.2B shapes
+    python3 benchmarks/decode_linears.py --shapes linear:4096x2048 --m 1,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+
+import torch
+
+from kernl.kernels import autotune_cache, gated_linear, linear
+
+# name: (kind, N, K): N outputs from K inputs ("gated": N per weight, two weights).
+SHAPES = {
+    "8b-qkv": ("linear", 6144, 4096),
+    "8b-o": ("linear", 4096, 4096),
+    "8b-gate-up": ("gated", 14336, 4096),
+    "8b-down": ("linear", 4096, 14336),
+    "8b-tp2-qkv": ("linear", 3072, 4096),
+    "8b-tp2-o": ("linear", 4096, 2048),
+    "8b-tp2-gate-up": ("gated", 7168, 4096),
+    "8b-tp2-down": ("linear", 4096, 7168),
+    "1.2b-qkv": ("linear", 3072, 2048),
+    "1.2b-o": ("linear", 2048, 2048),
+    "1.2b-gate-up": ("gated", 8192, 2048),
+    "1.2b-down": ("linear", 2048, 8192),
+}
+CHAIN_BYTES = 400 * 2**20  # weights the graph rotates through: several times an H100's or H200's L2
+
+
+def _graph_us(fn: Callable[[], object], calls: int, replays: int = 20) -> float:
+    """µs per call of a CUDA graph that makes `calls` calls through fn, after a warm replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compile and allocate outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (replays * calls)
+
+
+def _candidates(kind: str, m: int, n: int, k: int) -> tuple[str, tuple, list[dict]]:
+    """The kernel's tuner key and its candidates: those it had before the GEMV (tiles, split-K, cuBLAS), then GEMV's."""
+    from kernl.kernels import _gemv
+    from kernl.kernels.gated_linear import gated_linear_configs
+    from kernl.kernels.linear import linear_configs
+
+    bucket = autotune_cache.bucket_m(m)
+    enabled, _gemv.ENABLED = _gemv.ENABLED, False
+    try:
+        linear_configs.cache_clear()
+        gated_linear_configs.cache_clear()
+        if kind == "gated":
+            kernel, key, old = "gated_linear", ("bfloat16", bucket, n, k, "silu"), gated_linear_configs(bucket, n, k, 2)
+        else:
+            kernel, key = "linear", ("bfloat16", bucket, n, k, "none", False, False, False)
+            old = linear_configs(bucket, n, k, 2, False)
+    finally:
+        _gemv.ENABLED = enabled
+        linear_configs.cache_clear()
+        gated_linear_configs.cache_clear()
+    return kernel, key, old + _gemv.gemv_configs(bucket, n, k, weight_tiles=2 if kind == "gated" else 1)
+
+
+def measure(name: str, kind: str, n: int, k: int, m: int) -> dict:
+    weights_per_copy = (2 if kind == "gated" else 1) * n * k
+    copies = max(4, math.ceil(CHAIN_BYTES / (2 * weights_per_copy)))
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(copies)]
+    us = ws
+    if kind == "gated":
+        us = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(copies)]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    kernel, key, candidates = _candidates(kind, m, n, k)
+
+    def chain() -> None:
+        for w, u in zip(ws, us, strict=True):
+            gated_linear(x, w, u) if kind == "gated" else linear(x, w)
+
+    rows = []
+    for config in candidates:
+        tuner = autotune_cache.Tuner(frozen=True)
+        entry = {"kernel": kernel, "key": list(key), "config": config}
+        tuner.load({"version": autotune_cache.FORMAT_VERSION, "entries": [entry]})
+        with autotune_cache.use(tuner):
+            try:
+                t = _graph_us(chain, copies)
+            except Exception as e:  # a config this GPU cannot run loses, as in the tuner
+                rows.append({"config": config, "error": str(e)[:200]})
+                continue
+        rows.append({"config": config, "us": round(t, 2), "tb_s": round(2 * weights_per_copy / t / 1e6, 3)})
+    tuner = autotune_cache.Tuner()
+    with autotune_cache.use(tuner):
+        chain()  # the tuner's own pick, timed its way
+    picked = tuner.lookup(kernel, key)
+    timed = [r for r in rows if "us" in r]
+    best = min(timed, key=lambda r: r["us"])
+    picked_row = next((r for r in timed if r["config"] == picked), None)
+    torch.cuda.empty_cache()
+    return {
+        "shape": name,
+        "kind": kind,
+        "m": m,
+        "n": n,
+        "k": k,
+        "mb": round(2 * weights_per_copy / 1e6, 1),
+        "best": best,
+        "tuner_pick": picked_row,
+        "candidates": rows,
+    }
+
+
+def _label(config: dict) -> str:
+    if config.get("CUBLAS"):
+        return "cuBLAS"
+    kind = "gemv" if config.get("GEMV") else f"split{config['SPLIT_K']}" if config.get("SPLIT_K", 1) > 1 else "tile"
+    return f"{kind} {config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']} w{config['num_warps']}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="names of SHAPES, or kind:NxK")
+    parser.add_argument("--m", default="1", help="rows (comma-separated)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    results = []
+    for m in (int(v) for v in args.m.split(",")):
+        for spec in args.shapes.split(","):
+            if spec in SHAPES:
+                kind, n, k = SHAPES[spec]
+            else:
+                kind, dims = spec.split(":")
+                n, k = (int(v) for v in dims.split("x"))
+            r = measure(spec, kind, n, k, m)
+            results.append(r)
+            pick = r["tuner_pick"]
+            print(
+                f"{spec:16s} m={m} {r['mb']:6.1f} MB  best {r['best']['us']:7.2f} us {r['best']['tb_s']:.2f} TB/s "
+                f"({_label(r['best']['config'])})  tuner: "
+                + (f"{pick['us']:7.2f} us ({_label(pick['config'])})" if pick else "?"),
+                flush=True,
+            )
+            for row in r["candidates"]:
+                timing = f"{row['us']:7.2f} us {row['tb_s']:.2f} TB/s" if "us" in row else row["error"]
+                print(f"    {_label(row['config']):28s} {timing}")
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
