@@ -44,7 +44,7 @@ class InlineTemplate:
         (root / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-def tiny_chat_llama(path, tensor_parallel: int = 1):
+def tiny_chat_llama(path, tensor_parallel: int = 1, device: str = "cpu"):
     """A tiny random Llama generation bundle at path with a word-level tokenizer (chat template in its config);
     returns (the model, transformers' tokenizer)."""
     import transformers
@@ -56,7 +56,7 @@ def tiny_chat_llama(path, tensor_parallel: int = 1):
     model = transformers.LlamaForCausalLM(config).eval()
     tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)})
     tok.chat_template = TEMPLATE
-    kernl.compile(model, path, buckets=[], device="cpu", tokenizer=InlineTemplate(tok),
+    kernl.compile(model.to(device), path, buckets=[], device=device, tokenizer=InlineTemplate(tok),
                   generation={"max_length": MAX_LENGTH, "batch_sizes": [1, 2, 4], "seq_lens": [8, 16]},
                   tensor_parallel=tensor_parallel)  # fmt: skip
     return model, tok
