@@ -150,6 +150,32 @@ def test_a_utf16_body_is_still_taken(server, bundle):
     np.testing.assert_allclose(np.float32(r.json()["data"][0]["embedding"]), reference(bundle, "naïve café"), atol=2e-6)
 
 
+def text_of(bundle, tokens: int, rng: random.Random) -> str:
+    """A random text of exactly tokens tokens, special tokens included (words that overshoot are skipped)."""
+    text = ""
+    for word in " ".join(random_texts(100, rng)).split():
+        longer = f"{text} {word}".strip()
+        n = int(bundle.tokenizer([longer])["attention_mask"].sum())
+        text = longer if n <= tokens else text
+        if n == tokens:
+            return text
+    raise AssertionError(f"no text of {tokens} tokens")
+
+
+def test_texts_of_the_longest_bucket_are_taken_one_token_more_answers_413(server, bundle):
+    """The length check at its edge: a text of exactly the longest bucket's length is answered (beside a short
+    one: rows padded to it), a text one token longer is refused by its index in the request."""
+    longest, rng = max(s for _, s in bundle.buckets), random.Random(time.time_ns())
+    fits, short, over = text_of(bundle, longest, rng), text_of(bundle, 5, rng), text_of(bundle, longest + 1, rng)
+    r = httpx.post(f"{server.url}/v1/embeddings", json={"input": [short, fits]}, timeout=60)
+    assert r.status_code == 200, r.text
+    for row, text in zip(r.json()["data"], [short, fits], strict=True):
+        np.testing.assert_allclose(np.float32(row["embedding"]), reference(bundle, text), atol=2e-6, rtol=0)
+    r = httpx.post(f"{server.url}/v1/embeddings", json={"input": [fits, over]}, timeout=60)
+    assert r.status_code == 413
+    assert r.json()["error"]["message"] == f"input 1: longer than {longest} tokens, the most this server takes"
+
+
 def test_a_full_queue_answers_503_through_the_fast_routes(bundle):
     """One request waits out a 2 s window in a queue of one; the others are refused at once, with Retry-After."""
     api = app(bundle, max_queue=1, idle_dispatch=False, max_batch_delay_ms=2000)
