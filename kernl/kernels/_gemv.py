@@ -1,4 +1,4 @@
-"""GEMV for decode: linear and gated linear when M is a handful of rows (batch-1 or batch-4 decode steps).
+"""GEMV for decode: linear and gated linear of one row (batch-1 decode steps).
 
 At small M a linear is one read of its weight, and the speed is how many bytes are in flight. The tile
 kernels pad M to 16 and stage the weight through shared memory for tl.dot; here each program owns BLOCK_N
@@ -16,21 +16,19 @@ import os
 import torch
 
 from kernl.kernels._backend import HAS_TRITON
+from kernl.kernels._gemm import _next_pow2
 
 # The config key that selects this kernel.
 GEMV = "GEMV"
 # Off with KERNL_GEMV=0: an A/B switch for benchmarks; bundles keep the decisions they were tuned with.
 ENABLED = os.environ.get("KERNL_GEMV", "1") != "0"
+# The kernel takes any BLOCK_M >= M, but the tuner offers it at M=1 only: at M=4 the tile kernels won on an H200.
 MAX_M = 1
 # (BLOCK_N, BLOCK_K, num_warps), best guess first: 8-32 KB of weight in flight per program and step. In a
 # graph of cold decode-shape GEMVs on an H200, 8 x 1024 beat cuBLAS and the tile kernels at every Llama shape.
 _TABLE = ((8, 1024, 4), (16, 512, 4), (4, 2048, 4), (4, 1024, 4), (32, 256, 4))
 # fp32 accumulator values a thread may hold (the product tile lives in registers too).
 _MAX_ACC_PER_THREAD = 64
-
-
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def gemv_configs(m_bucket: int, n: int, k: int, *, weight_tiles: int = 1) -> list[dict[str, int]]:

@@ -28,7 +28,7 @@ _CONFIGS_BY_M = (
 def gated_linear_configs(m_bucket: int, n: int, k: int, elem_size: int) -> list[dict[str, int]]:
     """The configs the autotuner tries for one problem class; the first is the untuned default.
 
-    M buckets of a few rows get the GEMV configs alone (see linear_configs)."""
+    M=1 gets the GEMV configs alone (see linear_configs)."""
     gemv = gemv_configs(m_bucket, n, k, weight_tiles=2)
     if gemv:
         return gemv

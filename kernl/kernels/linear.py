@@ -44,7 +44,7 @@ def linear_configs(
     heavy_epilogue: an activation or a residual; its temporaries need registers, so the accumulator
     gets half as many per thread (more warps, or the config goes).
     Split-K variants (a SPLIT_K key) follow the plain configs where few tiles would leave SMs idle.
-    M buckets of a few rows over a [N, K] weight get the GEMV configs alone: in a graph of cold decode-shape
+    M=1 over a [N, K] weight gets the GEMV configs alone: in a graph of cold decode-shape
     linears (benchmarks/decode_linears.py) they beat every tile, split-K and cuBLAS candidate, which win
     only the tuner's isolated timings, where no previous kernel's tail overlaps their start.
     """
