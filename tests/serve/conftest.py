@@ -50,7 +50,9 @@ print(json.dumps({"embeddings": refs, "tokens": counts}))
 
 def server_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    # The repo first; a PYTHONPATH already set stays behind it (the GPU machine's serve wheels live there).
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env.update(PYTHONPATH=path, HF_HUB_OFFLINE="1")
     return env
 
 
