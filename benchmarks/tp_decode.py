@@ -159,7 +159,7 @@ def profile_decode(gen, vocab: int, prompt: int, rank: int, path: Path, steps: i
 
 def all_reduce_us(hidden: int, dtype: torch.dtype, device: torch.device, world: int, calls: int = 100) -> float:
     """Microseconds of one all-reduce of [1, hidden] as the decode step makes it: kernl's all_reduce (NCCL, or
-    one-shot over NVLink with KERNL_ALL_REDUCE=one_shot), 100 back to back in a CUDA graph."""
+    or the one-shot over NVLink: KERNL_ALL_REDUCE, kernels/peer_all_reduce.py), 100 back to back in a CUDA graph."""
     from kernl.kernels.collectives import all_reduce
 
     if world == 1:

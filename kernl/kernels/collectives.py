@@ -3,8 +3,8 @@ vocabulary-parallel embedding's lookup), and the gather of a vocabulary-parallel
 
 torch.distributed does the work (NCCL on GPUs, gloo on CPU), over the default process group. On the
 current CUDA stream, NCCL's all_reduce is captured by a CUDA graph like any kernel, so a rank's graph holds
-its reductions and replays them without the host. With KERNL_ALL_REDUCE=one_shot, small sums on GPUs take the one-shot
-path over NVLink instead (kernels/peer_all_reduce.py). On one process (no group, or a group of one) the sum is
+its reductions and replays them without the host. Small sums on GPUs may take a one-shot path over NVLink instead
+(kernels/peer_all_reduce.py says when: KERNL_ALL_REDUCE). On one process (no group, or a group of one) the sum is
 the tensor itself.
 
 For checks at compile time, the ranks can also be threads of one process (ThreadRanks): each thread runs

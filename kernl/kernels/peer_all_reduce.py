@@ -1,14 +1,15 @@
-"""The one-shot all-reduce for small sums on GPUs, opt-in with KERNL_ALL_REDUCE=one_shot: each rank copies its
-partial into memory every rank of the host can read over NVLink (PyTorch symmetric memory), the ranks meet at a
-barrier, and each sums all partials itself in rank order. One kernel and one barrier against NCCL's ring.
+"""The one-shot all-reduce for small sums on GPUs: each rank copies its partial into memory every rank of the host
+can read over NVLink (PyTorch symmetric memory), the ranks meet at a barrier, and each sums all partials itself in
+rank order. One kernel and one barrier against NCCL's ring.
 
-Not the default: measured on 2 H100s (BENCHMARKS.md, 2026-11-28), it halves an isolated captured all-reduce of
-[1, 4096] bf16 (8.7 against 16.8 us) but inside a decode step NCCL's LL kernel takes 7.2 us and the one-shot 9.2,
-and the 8B step is no faster. Kept for the A/B at 4 and more ranks, where NCCL's ring has more steps.
+KERNL_ALL_REDUCE picks the path: "auto" (the default) takes the one-shot at 4 or more ranks and NCCL at 2;
+"one_shot" or "nccl" force one. Measured (BENCHMARKS.md, 2026-11-28): at 4 H200s the Llama-8B decode step is
+2.225 ms on the one-shot against 2.487 on NCCL; at 2 ranks the two are within 3% (H200: 3.009 against 3.090; H100,
+before the GEMV: 4.148 against 4.096), so 2 ranks keep NCCL.
 
 Sums over ONE_SHOT_MAX_BYTES (prefill) stay on NCCL. Every choice depends only on the tensor's shape and dtype and
-on a setup all ranks agree on, so every rank takes the same path at the same call (a rank on one-shot with its
-peer on NCCL would wait forever).
+on a setup all ranks agree on (the world size included), so every rank takes the same path at the same call (a rank
+on one-shot with its peer on NCCL would wait forever).
 
 NVLink multicast (multimem) is never used: its operations need a multicast object, which kernl does not create.
 """
@@ -20,8 +21,12 @@ import os
 import torch
 import torch.distributed as dist
 
+from kernl.errors import KernlError
+
 ONE_SHOT_MAX_BYTES = 256 * 1024  # decode up to batch 32 at hidden 4096 in bf16
 _ALIGN = 16  # the kernel moves 16-byte vectors
+AUTO_MIN_RANKS = 4  # "auto" takes the one-shot from this many ranks on
+PATHS = ("auto", "one_shot", "nccl")
 
 _buffers: dict[tuple[int, torch.dtype], torch.Tensor | None] = {}  # None: NCCL for this device and dtype
 _why: dict[str, str] = {}  # dtype → "one_shot" or why NCCL is used
@@ -38,10 +43,18 @@ def eligible(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and 0 < nbytes <= ONE_SHOT_MAX_BYTES and nbytes % _ALIGN == 0
 
 
+def wanted(world: int) -> bool:
+    """Whether KERNL_ALL_REDUCE asks for the one-shot path at this world size (the same answer on every rank)."""
+    path = os.environ.get("KERNL_ALL_REDUCE", "auto")
+    if path not in PATHS:
+        raise KernlError(f"KERNL_ALL_REDUCE={path!r}: expected one of {', '.join(PATHS)}")
+    return path == "one_shot" or (path == "auto" and world >= AUTO_MIN_RANKS)
+
+
 def one_shot_all_reduce(x: torch.Tensor) -> torch.Tensor | None:
     """The sum of the contiguous x over the default process group's ranks, in a new tensor; None when this sum is
     for NCCL (not asked for, too large, not on a GPU, or symmetric memory unavailable on these GPUs)."""
-    if os.environ.get("KERNL_ALL_REDUCE", "nccl") != "one_shot" or not eligible(x):
+    if not eligible(x) or not wanted(dist.get_world_size()):
         return None
     key = (x.device.index, x.dtype)
     if key not in _buffers:

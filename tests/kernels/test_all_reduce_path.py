@@ -1,0 +1,31 @@
+"""KERNL_ALL_REDUCE decides the all-reduce path from the world size alone, so every rank takes the same one."""
+
+import pytest
+
+from kernl.errors import KernlError
+from kernl.kernels import peer_all_reduce
+
+
+@pytest.mark.parametrize(
+    ("setting", "world", "one_shot"),
+    [
+        (None, 2, False),  # auto: NCCL at 2 ranks, where the two paths measured within 3%
+        (None, 4, True),  # auto: the one-shot from 4 ranks on
+        (None, 8, True),
+        ("auto", 2, False),
+        ("nccl", 4, False),
+        ("one_shot", 2, True),
+    ],
+)
+def test_the_path_follows_the_setting_and_the_world_size(setting, world, one_shot, monkeypatch):
+    if setting is None:
+        monkeypatch.delenv("KERNL_ALL_REDUCE", raising=False)
+    else:
+        monkeypatch.setenv("KERNL_ALL_REDUCE", setting)
+    assert peer_all_reduce.wanted(world) is one_shot
+
+
+def test_an_unknown_setting_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("KERNL_ALL_REDUCE", "oneshot")
+    with pytest.raises(KernlError, match="KERNL_ALL_REDUCE='oneshot'.*auto, one_shot, nccl"):
+        peer_all_reduce.wanted(4)
