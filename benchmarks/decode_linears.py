@@ -7,7 +7,7 @@ runs as a CUDA graph of back-to-back calls on rotating weight copies (more bytes
 figure is µs per call inside a chain, the bandwidth it reaches, and which candidate the tuner picks (at a few
 rows it now chooses among the GEMV configs only; the other candidates are timed here for comparison).
 
-    python3 benchmarks/decode_linears.py --json out.json            # the Llama-8B tp=1/tp=2 and 1.2B shapes
+    python3 benchmarks/decode_linears.py --json out.json            # the Llama-8B tp=1/2/4 and 1.2B shapes
     python3 benchmarks/decode_linears.py --shapes linear:4096x2048 --m 1,4
 """
 
@@ -32,6 +32,10 @@ SHAPES = {
     "8b-tp2-o": ("linear", 4096, 2048),
     "8b-tp2-gate-up": ("gated", 7168, 4096),
     "8b-tp2-down": ("linear", 4096, 7168),
+    "8b-tp4-qkv": ("linear", 1536, 4096),
+    "8b-tp4-o": ("linear", 4096, 1024),
+    "8b-tp4-gate-up": ("gated", 3584, 4096),
+    "8b-tp4-down": ("linear", 4096, 3584),
     "1.2b-qkv": ("linear", 3072, 2048),
     "1.2b-o": ("linear", 2048, 2048),
     "1.2b-gate-up": ("gated", 8192, 2048),
