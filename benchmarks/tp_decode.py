@@ -240,8 +240,6 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": {"torch": torch.__version__, "triton": _version("triton")},
-        # A/B switches in force (KERNL_PDL, KERNL_GEMV, KERNL_DECODE_ONE_LAUNCH, KERNL_DECODE_ROTARY_FOLD...).
-        "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("KERNL_")},
         "world_size": world,
         "geometry": {**g, "name": args.geometry, "dtype": str(dtype).removeprefix("torch.")},
         "batch": 1,

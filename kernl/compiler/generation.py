@@ -9,8 +9,7 @@ rotary, before any repeat for grouped heads):
   cache rows `rows` at positions [0, s); the LM head runs on the hidden state at each row's `last` position
   only (a 512-token prompt would otherwise compute 512 × vocab logits to keep one row).
 - decode(…caches, input_ids [b, 1], position_ids [b, 1]): each attention becomes decode_attention_append,
-  which writes the token's k/v at the row's own position and attends over [0, position] of that row (with the
-  layer's rotary folded in where q and k come from one: kernl.compiler.decode_step).
+  which writes the token's k/v at the row's own position and attends over [0, position] of that row.
 
 Logits come out as [b, vocab]. The caches are [rows, heads_kv, max_len, head_dim] per layer (k and v).
 """
@@ -23,7 +22,6 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from kernl.compiler.decode_step import decode_attention_call
 from kernl.compiler.passes._fx import VIEW_OPS, fake, is_call
 from kernl.errors import KernlError
 
@@ -159,7 +157,10 @@ def decode_graph(gm: torch.fx.GraphModule, layout: CacheLayout) -> torch.fx.Grap
         q, k, v = node.args[:3]
         scale = node.args[5] if len(node.args) > 5 else node.kwargs.get("scale")
         with graph.inserting_before(node):
-            out = decode_attention_call(graph, q, k, v, k_cache, v_cache, positions, scale)
+            q3, k3, v3 = (graph.call_function(aten.squeeze.dim, (t, 2)) for t in (q, k, v))
+            out = graph.call_function(
+                kernl_ops.decode_attention_append.default, (q3, k_cache, v_cache, k3, v3, positions, scale)
+            )
             out4 = graph.call_function(aten.unsqueeze.default, (out, 2))
         node.replace_all_uses_with(out4)
         graph.erase_node(node)

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from kernl.compiler.decode_step import decode_attention_call
 from kernl.compiler.passes._fx import fake, is_call
 from kernl.errors import KernlError
 
@@ -257,8 +256,10 @@ def decode_graph(decoder: torch.fx.GraphModule, lay: Seq2SeqLayout, vocab: int) 
                                    full_masks, inputs)  # fmt: skip
             continue
         with graph.inserting_before(node):
-            out = decode_attention_call(
-                graph, q, k, v, state[f"self_k_{i}"], state[f"self_v_{i}"], positions, _scale(node)
+            q3, k3, v3 = (graph.call_function(aten.squeeze.dim, (t, 2)) for t in (q, k, v))
+            out = graph.call_function(
+                kernl_ops.decode_attention_append.default,
+                (q3, state[f"self_k_{i}"], state[f"self_v_{i}"], k3, v3, positions, _scale(node)),
             )
             out4 = graph.call_function(aten.unsqueeze.default, (out, 2))
         node.replace_all_uses_with(out4)

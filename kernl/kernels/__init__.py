@@ -11,10 +11,6 @@ from kernl.kernels.decode_attention import (
     decode_attention_append,
     decode_attention_reference,
 )
-from kernl.kernels.decode_attention_rotary import (
-    decode_attention_append_rotary,
-    decode_attention_append_rotary_reference,
-)
 from kernl.kernels.gated_linear import gated_linear, gated_linear_reference
 from kernl.kernels.layer_norm import layer_norm, layer_norm_reference
 from kernl.kernels.linear import linear, linear_reference
@@ -29,8 +25,6 @@ __all__ = [
     "cache_append_reference",
     "decode_attention",
     "decode_attention_append",
-    "decode_attention_append_rotary",
-    "decode_attention_append_rotary_reference",
     "decode_attention_reference",
     "gated_linear",
     "gated_linear_reference",

@@ -78,8 +78,6 @@ def decode_attention_kernel(
     PartO,  # [batch, heads_q, NUM_SPLITS, HEAD_DIM] fp32 contiguous: each split's normalised output
     PartLse,  # [batch, heads_q, NUM_SPLITS] fp32 contiguous: each split's log2-sum-exp2 of scores
     Counters,  # [>= batch * heads_kv] int32, zero on entry and on exit (ONE_LAUNCH only)
-    Cos,  # [batch or 1, rot_dim] any float dtype: each row's rotary cos, indexed by output dim (ROTARY only)
-    Sin,  # like Cos
     stride_qb,
     stride_qh,
     stride_qd,
@@ -100,10 +98,6 @@ def decode_attention_kernel(
     stride_ob,
     stride_oh,
     stride_od,
-    stride_cb,  # 0 when one cos row serves every row
-    stride_cd,
-    stride_sb,
-    stride_sd,
     heads_kv,
     group,  # heads_q // heads_kv: q heads off_hk * group .. + group - 1 read kv head off_hk
     max_len,  # positions the cache holds
@@ -111,8 +105,6 @@ def decode_attention_kernel(
     HEAD_DIM: tl.constexpr,
     PAD_D: tl.constexpr,  # BLOCK_D > HEAD_DIM (80, 96...): mask the padded head dims
     APPEND: tl.constexpr,  # write KNew/VNew at positions[b], then attend over [0, positions[b]]
-    ROTARY: tl.constexpr,  # rotate Q and KNew first (HF's rotate-half on the first 2 * HALF dims), as kernl.rotary
-    HALF: tl.constexpr,  # rot_dim // 2: dim i pairs with dim i + HALF
     NUM_SPLITS: tl.constexpr,  # power of two; 1: no workspace, write Out directly
     ONE_LAUNCH: tl.constexpr,  # NUM_SPLITS > 1: the last split to arrive combines (no phase 2)
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: exact products, no silent TF32
@@ -165,18 +157,6 @@ def decode_attention_kernel(
     # The group's query heads, read once; padding rows are zeros and are never stored.
     q_ptrs = Q + b64 * stride_qb + heads[:, None].to(tl.int64) * stride_qh + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=in_h[:, None] & in_d[None, :], other=0.0)
-    if ROTARY:
-        # q as kernl.rotary would hand it over: rotated in fp32, rounded to q's dtype. Each dim's partner
-        # (i +- HALF) is loaded again, from cache, rather than shuffled across lanes; dims past rot_dim keep
-        # cos 1 and sin 0, so they pass through exactly.
-        in_rot = offs_d < 2 * HALF
-        partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
-        sign = tl.where(offs_d < HALF, -1.0, 1.0)  # rotate_half(x) = cat(-x2, x1)
-        cos = tl.load(Cos + b64 * stride_cb + offs_d * stride_cd, mask=in_rot, other=1.0).to(tl.float32)
-        sin = tl.load(Sin + b64 * stride_sb + offs_d * stride_sd, mask=in_rot, other=0.0).to(tl.float32) * sign
-        qp_ptrs = Q + b64 * stride_qb + heads[:, None].to(tl.int64) * stride_qh + partner[None, :] * stride_qd
-        q_p = tl.load(qp_ptrs, mask=in_h[:, None] & in_rot[None, :], other=0.0)
-        q = (q.to(tl.float32) * cos[None, :] + q_p.to(tl.float32) * sin[None, :]).to(Q.dtype.element_ty)
     k_base = K + b64 * stride_kb + hk64 * stride_kh
     v_base = V + b64 * stride_vb + hk64 * stride_vh
 
@@ -222,12 +202,8 @@ def decode_attention_kernel(
         if new_token:
             # Only this program (last split of the row, this kv head) touches position pos: write it to the
             # cache for later steps, and fold it into the softmax as one more key.
-            kn_row = KNew + b64 * stride_knb + hk64 * stride_knh
-            kn = tl.load(kn_row + offs_d * stride_knd, mask=in_d, other=0.0)
+            kn = tl.load(KNew + b64 * stride_knb + hk64 * stride_knh + offs_d * stride_knd, mask=in_d, other=0.0)
             vn = tl.load(VNew + b64 * stride_vnb + hk64 * stride_vnh + offs_d * stride_vnd, mask=in_d, other=0.0)
-            if ROTARY:  # rotated before it is stored or used, as q was
-                kn_p = tl.load(kn_row + partner * stride_knd, mask=in_rot, other=0.0)
-                kn = (kn.to(tl.float32) * cos + kn_p.to(tl.float32) * sin).to(KNew.dtype.element_ty)
             p64 = pos.to(tl.int64)
             tl.store(k_base + p64 * stride_kn + offs_d * stride_kd, kn.to(K.dtype.element_ty), mask=in_d)
             tl.store(v_base + p64 * stride_vn + offs_d * stride_vd, vn.to(V.dtype.element_ty), mask=in_d)
@@ -428,14 +404,11 @@ def launch_decode_attention(
     scale: float,
     config: DecodeConfig | None = None,
     one_launch: bool | None = None,
-    cos: torch.Tensor | None = None,
-    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run phase 1 (and phase 2 when split) on checked inputs. With k_new/v_new, lens holds positions.
 
     one_launch: combine inside phase 1 when split (default: ONE_LAUNCH); two launches all the same when a CUDA
-    graph capture finds no counters allocated (the eager warm-up before a capture allocates them).
-    cos, sin: [batch or 1, rot_dim]: rotate q and k_new first (rotate-half, as kernl.rotary)."""
+    graph capture finds no counters allocated (the eager warm-up before a capture allocates them)."""
     batch, heads_q, head_dim = q.shape
     heads_kv, max_len = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty((batch, heads_q, head_dim), dtype=q.dtype, device=q.device)
@@ -458,22 +431,14 @@ def launch_decode_attention(
         kn, vn = k_new, v_new
     else:
         kn = vn = q  # never read
-    rotary = cos is not None
-    if rotary:
-        cos, sin = cos.expand(batch, cos.shape[-1]), sin.expand(batch, sin.shape[-1])  # broadcast: stride 0
-    else:
-        cos = sin = q  # never read
     pdl = pdl_options(q)
     decode_attention_kernel[(batch * heads_kv, splits)](
-        q, k_cache, v_cache, lens, kn, vn, out, part_o, part_lse, lens if counters is None else counters, cos, sin,
+        q, k_cache, v_cache, lens, kn, vn, out, part_o, part_lse, lens if counters is None else counters,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *kn.stride(), *vn.stride(), *out.stride(),
-        cos.stride(0), cos.stride(-1), sin.stride(0), sin.stride(-1),
         heads_kv, group, max_len, scale * LOG2E,
         HEAD_DIM=head_dim,
         PAD_D=block_d != head_dim,
         APPEND=append,
-        ROTARY=rotary,
-        HALF=cos.shape[-1] // 2 if rotary else 1,
         NUM_SPLITS=splits,
         ONE_LAUNCH=counters is not None,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

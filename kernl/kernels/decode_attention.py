@@ -65,19 +65,6 @@ def check_decode_attention_args(
     _check_index("lengths", lengths, q)
 
 
-def check_decode_attention_append_args(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    positions: torch.Tensor,
-) -> None:
-    """Shapes, dtypes and devices of decode_attention_append's inputs; raises a ValueError naming the argument."""
-    check_decode_attention_args(q, k_cache, v_cache, positions)
-    _check_new(q, k_cache, k_new, v_new)
-
-
 def check_cache_append_args(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor
 ) -> None:
@@ -95,8 +82,7 @@ def check_cache_append_args(
     _check_index("positions", positions, k_new)
 
 
-def lengths_of(positions: torch.Tensor, max_len: int) -> torch.Tensor:
-    """What a row attends over once its token at positions[b] is appended: positions + 1, clamped to the cache."""
+def _lengths_of(positions: torch.Tensor, max_len: int) -> torch.Tensor:
     return (positions.long() + 1).clamp(0, max_len)
 
 
@@ -193,11 +179,12 @@ def decode_attention_append(
     the step needs no separate append launch. A position < 0 gives zeros and writes nothing (an idle row);
     a position >= max_len writes nothing and attends over the whole cache.
     """
-    check_decode_attention_append_args(q, k_cache, v_cache, k_new, v_new, positions)
+    check_decode_attention_args(q, k_cache, v_cache, positions)
+    _check_new(q, k_cache, k_new, v_new)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not runs_triton(q):
         cache_append_reference(k_cache, v_cache, k_new, v_new, positions)
-        return decode_attention_reference(q, k_cache, v_cache, lengths_of(positions, k_cache.shape[2]), scale)
+        return decode_attention_reference(q, k_cache, v_cache, _lengths_of(positions, k_cache.shape[2]), scale)
     return launch_decode_attention(q, k_cache, v_cache, positions, k_new, v_new, scale)
 
 

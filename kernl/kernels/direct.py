@@ -11,9 +11,6 @@ from kernl.kernels.decode_attention import cache_append_call as cache_append
 from kernl.kernels.decode_attention import cache_fill_call as cache_fill
 from kernl.kernels.decode_attention import decode_attention_append_call as decode_attention_append
 from kernl.kernels.decode_attention import decode_attention_call as decode_attention
-from kernl.kernels.decode_attention_rotary import (
-    decode_attention_append_rotary_call as decode_attention_append_rotary,
-)
 from kernl.kernels.gated_linear import gated_linear_call as gated_linear
 from kernl.kernels.layer_norm import add_layer_norm_call as add_layer_norm
 from kernl.kernels.layer_norm import layer_norm_call as layer_norm
@@ -32,7 +29,6 @@ __all__ = [
     "cache_fill",
     "decode_attention",
     "decode_attention_append",
-    "decode_attention_append_rotary",
     "gated_linear",
     "layer_norm",
     "linear",
