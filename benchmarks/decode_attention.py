@@ -8,9 +8,7 @@ each row's valid positions, plus q and the output. GB/s = bytes / time, set agai
 measured in the same run (read + write bytes / time, as benchmarks/conftest.py counts it).
 
 Implementations, side by side:
-- kernl: decode_attention (split-K, combined by the last split in the same launch unless
-  KERNL_DECODE_ONE_LAUNCH=0), lengths on the device;
-- kernl-2launch: the same with the combine as a second kernel (the fallback path), for the A/B;
+- kernl: decode_attention (split-K + combine), lengths on the device;
 - kernl+append: decode_attention_append, the new token written into the cache by the same kernel;
 - sdpa-cache: torch SDPA over the whole static cache with a padding mask (what a static-cache model runs);
 - sdpa-exact: torch SDPA over exactly the valid positions, only where every row has the same length.
@@ -100,12 +98,6 @@ def bench_shape(shape: tuple, dtype: torch.dtype, ceiling: float, sweep: bool) -
     q4 = q[:, :, None]
     impls: dict[str, tuple[Callable[[], object], int]] = {
         "kernl": (checked(lambda: decode_attention(q, k_cache, v_cache, lengths)), read + io),
-        "kernl-2launch": (
-            checked(
-                lambda: launch_decode_attention(q, k_cache, v_cache, lengths, None, None, scale, cfg, one_launch=False)
-            ),
-            read + io,
-        ),
         "kernl+append": (
             checked(lambda: decode_attention_append(q, k_cache, v_cache, k_new, v_new, positions)),
             read + io + 2 * k_new.numel() * itemsize,

@@ -7,63 +7,24 @@ whose share of the row lies past its length return before they load anything.
 Phase 1, grid (batch * heads_kv, splits): each program takes one kv head of one row, all the query heads of
 its GQA group at once (they share every K/V load), and one contiguous slice of the row's positions. The
 slice is the row's length divided by the split count, so the work stays spread over all splits whatever the
-length. It writes its slice's normalised output and log-sum-exp (fp32) to a workspace, and the slices are
-weighed by their log-sum-exp (combine_splits). With one split, phase 1 writes the output.
-
-The combine runs in one of two places. One launch (the default): each active split, once its partials are
-stored, counts itself on a per-(row, kv head) counter; the last to arrive combines for every query head of its
-group and sets the counter back to zero. It saves phase 2's launch and the dependency wait before it, a few µs
-a layer at batch 1. Two launches (KERNL_DECODE_ONE_LAUNCH=0, or a CUDA graph capture that finds no counters
-allocated): phase 2, one program per (row, query head), after phase 1 has ended.
+length. It writes its slice's normalised output and log-sum-exp (fp32) to a workspace; phase 2, one program
+per (row, query head), weighs the slices by their log-sum-exp. With one split, phase 1 writes the output.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from kernl.kernels._arrival_counters import arrival_counters
 from kernl.kernels._pdl import pdl_options, wait_for_inputs
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e)); exp2 is the fast hardware path
 # Start of the running max: finite, so a slice that has seen no key yet rescales by exp2(-huge) == 0, not NaN.
 MAX_FLOOR = tl.constexpr(-3.4028234663852886e38)
-# The combine inside phase 1 (see the module docstring); off with KERNL_DECODE_ONE_LAUNCH=0 (an A/B switch).
-# Read at import, changeable for tests and benchmarks.
-ONE_LAUNCH = os.environ.get("KERNL_DECODE_ONE_LAUNCH", "1") != "0"
-
-
-@triton.jit
-def combine_splits(
-    PartO,  # [..., NUM_SPLITS, HEAD_DIM] fp32: each split's normalised output
-    PartLse,  # [..., NUM_SPLITS] fp32: each split's log2-sum-exp2
-    part0,  # index of split 0 of this (row, query head)
-    n_active,  # splits that hold part of the row; the others were never written
-    HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CACHE_MODIFIER: tl.constexpr,  # ".cg" where other programs of the same launch wrote the partials
-):
-    """One (row, query head)'s output in fp32 [BLOCK_D]: its splits weighed by their log-sum-exp."""
-    offs_s = tl.arange(0, NUM_SPLITS)
-    offs_d = tl.arange(0, BLOCK_D)
-    live = offs_s < n_active
-    in_d = offs_d < HEAD_DIM
-    # Inactive splits are masked out, so the workspace's old contents do not matter.
-    part = part0 + offs_s
-    lse = tl.load(PartLse + part, mask=live, other=float("-inf"), cache_modifier=CACHE_MODIFIER)
-    o_ptrs = PartO + part[:, None] * HEAD_DIM + offs_d[None, :]
-    o = tl.load(o_ptrs, mask=live[:, None] & in_d[None, :], other=0.0, cache_modifier=CACHE_MODIFIER)
-    # out = sum_s exp(lse_s) o_s / sum_s exp(lse_s), scaled by the largest lse to stay in range.
-    m = tl.maximum(tl.max(lse, 0), MAX_FLOOR)  # finite: a row of length 0 gives exp2(-inf) == 0, no NaN
-    w = tl.exp2(lse - m)
-    total = tl.sum(w, 0)
-    return tl.sum(w[:, None] * o, 0) / tl.where(total == 0.0, 1.0, total)  # length 0: zeros
 
 
 @triton.jit
@@ -77,7 +38,6 @@ def decode_attention_kernel(
     Out,  # [batch, heads_q, head_dim], written here when NUM_SPLITS == 1
     PartO,  # [batch, heads_q, NUM_SPLITS, HEAD_DIM] fp32 contiguous: each split's normalised output
     PartLse,  # [batch, heads_q, NUM_SPLITS] fp32 contiguous: each split's log2-sum-exp2 of scores
-    Counters,  # [>= batch * heads_kv] int32, zero on entry and on exit (ONE_LAUNCH only)
     stride_qb,
     stride_qh,
     stride_qd,
@@ -106,7 +66,6 @@ def decode_attention_kernel(
     PAD_D: tl.constexpr,  # BLOCK_D > HEAD_DIM (80, 96...): mask the padded head dims
     APPEND: tl.constexpr,  # write KNew/VNew at positions[b], then attend over [0, positions[b]]
     NUM_SPLITS: tl.constexpr,  # power of two; 1: no workspace, write Out directly
-    ONE_LAUNCH: tl.constexpr,  # NUM_SPLITS > 1: the last split to arrive combines (no phase 2)
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: exact products, no silent TF32
     BLOCK_H: tl.constexpr,  # the group's q heads padded to tl.dot's minimum of 16 rows
     BLOCK_N: tl.constexpr,
@@ -133,6 +92,12 @@ def decode_attention_kernel(
     # zero length divides by nothing). Phase 2 recomputes it the same way.
     chunk = tl.maximum(((length + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N, 1) * BLOCK_N
     start = split * chunk
+    if NUM_SPLITS > 1:
+        # Nothing of this row falls in this split: no load, no store (phase 2 reads only active splits).
+        if start >= length:
+            return
+    end = tl.minimum(start + chunk, length)
+
     offs_h = tl.arange(0, BLOCK_H)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -141,18 +106,6 @@ def decode_attention_kernel(
     b64 = off_b.to(tl.int64)
     hk64 = off_hk.to(tl.int64)
     heads = off_hk * group + offs_h  # q heads of this group (rows past `group` are padding)
-    h64 = heads.to(tl.int64)
-    o_ptrs = Out + b64 * stride_ob + h64[:, None] * stride_oh + offs_d[None, :] * stride_od
-    if NUM_SPLITS > 1:
-        # Nothing of this row falls in this split: no load, no store (the combine reads only active splits).
-        if start >= length:
-            if ONE_LAUNCH:
-                # Length 0: no split is active, so none arrives to combine; split 0 writes the zeros.
-                if split == 0:
-                    zeros = tl.zeros([BLOCK_H, BLOCK_D], dtype=Out.dtype.element_ty)
-                    tl.store(o_ptrs, zeros, mask=in_h[:, None] & in_d[None, :])
-            return
-    end = tl.minimum(start + chunk, length)
 
     # The group's query heads, read once; padding rows are zeros and are never stored.
     q_ptrs = Q + b64 * stride_qb + heads[:, None].to(tl.int64) * stride_qh + offs_d[None, :] * stride_qd
@@ -218,9 +171,11 @@ def decode_attention_kernel(
             acc = acc * alpha[:, None] + p_new[:, None] * vf[None, :]
             m_i = m_new
 
+    h64 = heads.to(tl.int64)
     if NUM_SPLITS == 1:
         # A row of length 0 has acc == 0 and l == 0: divide by 1 so it comes out 0, not NaN.
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_ptrs = Out + b64 * stride_ob + h64[:, None] * stride_oh + offs_d[None, :] * stride_od
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_h[:, None] & in_d[None, :])
     else:
         # An active split holds at least one position, so l > 0.
@@ -229,30 +184,6 @@ def decode_attention_kernel(
         part = (b64 * heads_q + h64) * NUM_SPLITS + split  # [BLOCK_H] index of (row, head, split)
         tl.store(PartO + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=in_h[:, None] & in_d[None, :])
         tl.store(PartLse + part, lse, mask=in_h)
-        if ONE_LAUNCH:
-            # Every thread's stores come before the arrival (one thread performs a scalar atomic); acq_rel at
-            # gpu scope publishes them to, and makes the last program see, every other split's partials.
-            tl.debug_barrier()
-            n_active = (length + chunk - 1) // chunk  # only active splits arrive
-            arrived = tl.atomic_add(Counters + pid, 1, sem="acq_rel", scope="gpu")
-            if arrived == n_active - 1:
-                for i in range(group):
-                    hq = (off_hk * group + i).to(tl.int64)
-                    # .cg: read from L2, where the other programs' partials are; this SM's L1 may hold stale lines.
-                    o_h = combine_splits(
-                        PartO,
-                        PartLse,
-                        (b64 * heads_q + hq) * NUM_SPLITS,
-                        n_active,
-                        HEAD_DIM,
-                        NUM_SPLITS,
-                        BLOCK_D,
-                        ".cg",
-                    )
-                    o_h_ptrs = Out + b64 * stride_ob + hq * stride_oh + offs_d * stride_od
-                    tl.store(o_h_ptrs, o_h.to(Out.dtype.element_ty), mask=in_d)
-                # Zero again for the next launch (and the next replay of a graph that captured this one).
-                tl.atomic_xchg(Counters + pid, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -285,9 +216,20 @@ def decode_combine_kernel(
     length = tl.minimum(tl.maximum(n, 0), max_len).to(tl.int32)
     chunk = tl.maximum(((length + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N, 1) * BLOCK_N
     n_active = (length + chunk - 1) // chunk
-    out = combine_splits(PartO, PartLse, pid.to(tl.int64) * NUM_SPLITS, n_active, HEAD_DIM, NUM_SPLITS, BLOCK_D, "")
+
+    offs_s = tl.arange(0, NUM_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
+    live = offs_s < n_active
     in_d = offs_d < HEAD_DIM
+    # Inactive splits were never written: masked out, so the workspace's old contents do not matter.
+    part = pid.to(tl.int64) * NUM_SPLITS + offs_s
+    lse = tl.load(PartLse + part, mask=live, other=float("-inf"))
+    o = tl.load(PartO + part[:, None] * HEAD_DIM + offs_d[None, :], mask=live[:, None] & in_d[None, :], other=0.0)
+    # out = sum_s exp(lse_s) o_s / sum_s exp(lse_s), scaled by the largest lse to stay in range.
+    m = tl.maximum(tl.max(lse, 0), MAX_FLOOR)  # finite: a row of length 0 gives exp2(-inf) == 0, no NaN
+    w = tl.exp2(lse - m)
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(total == 0.0, 1.0, total)  # length 0: zeros
     o_ptrs = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + offs_d * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_d)
 
@@ -403,12 +345,8 @@ def launch_decode_attention(
     v_new: torch.Tensor | None,
     scale: float,
     config: DecodeConfig | None = None,
-    one_launch: bool | None = None,
 ) -> torch.Tensor:
-    """Run phase 1 (and phase 2 when split) on checked inputs. With k_new/v_new, lens holds positions.
-
-    one_launch: combine inside phase 1 when split (default: ONE_LAUNCH); two launches all the same when a CUDA
-    graph capture finds no counters allocated (the eager warm-up before a capture allocates them)."""
+    """Run phase 1 (and phase 2 when split) on checked inputs. With k_new/v_new, lens holds positions."""
     batch, heads_q, head_dim = q.shape
     heads_kv, max_len = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty((batch, heads_q, head_dim), dtype=q.dtype, device=q.device)
@@ -424,23 +362,19 @@ def launch_decode_attention(
         part_lse = torch.empty((batch, heads_q, splits), dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out  # never read or written
-    counters = None
-    if splits > 1 and (ONE_LAUNCH if one_launch is None else one_launch):
-        counters = arrival_counters(q.device, batch * heads_kv)
     if append:
         kn, vn = k_new, v_new
     else:
         kn = vn = q  # never read
     pdl = pdl_options(q)
     decode_attention_kernel[(batch * heads_kv, splits)](
-        q, k_cache, v_cache, lens, kn, vn, out, part_o, part_lse, lens if counters is None else counters,
+        q, k_cache, v_cache, lens, kn, vn, out, part_o, part_lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *kn.stride(), *vn.stride(), *out.stride(),
         heads_kv, group, max_len, scale * LOG2E,
         HEAD_DIM=head_dim,
         PAD_D=block_d != head_dim,
         APPEND=append,
         NUM_SPLITS=splits,
-        ONE_LAUNCH=counters is not None,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=cfg.block_n,
@@ -449,7 +383,7 @@ def launch_decode_attention(
         num_stages=cfg.num_stages,
         **pdl,
     )  # fmt: skip
-    if splits > 1 and counters is None:
+    if splits > 1:
         decode_combine_kernel[(batch * heads_q,)](
             lens, part_o, part_lse, out, *out.stride(), heads_q, max_len,
             HEAD_DIM=head_dim,
