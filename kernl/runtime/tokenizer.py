@@ -13,6 +13,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 
 from kernl.errors import BundleError, InputError
@@ -25,6 +26,8 @@ TOKENIZER_FILE = "tokenizer/tokenizer.json"
 CONFIG_FILES = ("tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json")
 CHAT_TEMPLATE_FILE = "tokenizer/chat_template.jinja"
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# Each token input and the field of a tokenizers Encoding that holds it.
+_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
 # transformers' LARGE_INTEGER: a model_max_length above it means "no limit" (its default is 1e30).
 NO_LIMIT = int(1e20)
 
@@ -102,8 +105,10 @@ class BundleTokenizer:
         self._pad_type_id = pad_type if isinstance(pad_type, int) else 0
         self.clean_up_tokenization_spaces = bool(self.config.get("clean_up_tokenization_spaces", False))
         self._bpe = type(backend.model).__name__ == "BPE"
-        # Padding and truncation are settings of the backend: set per call, under a lock, so threads can share it.
+        # Padding and truncation are settings of the backend: set under a lock, so threads can share it, and only
+        # when a call needs others than the last one set (setting them costs about as much as a short text's encoding).
         self._lock = threading.Lock()
+        self._settings: tuple | None = None
 
     def _side(self, key: str) -> str:
         side = self.config.get(key, "right")
@@ -154,23 +159,25 @@ class BundleTokenizer:
         pad_id = next((i for i in (self.pad_token_id, self.eos_token_id) if i is not None), 0)
         with self._lock:
             tok = self.backend
-            if limit is None:
-                tok.no_truncation()
-            else:
-                tok.enable_truncation(max_length=limit, direction=self.truncation_side)
-            tok.enable_padding(
-                direction=self.padding_side,
-                pad_id=pad_id,
-                pad_type_id=self._pad_type_id,
-                pad_token=tok.id_to_token(pad_id) or "",
-            )
+            if self._settings != (limit, pad_id):
+                if limit is None:
+                    tok.no_truncation()
+                else:
+                    tok.enable_truncation(max_length=limit, direction=self.truncation_side)
+                tok.enable_padding(
+                    direction=self.padding_side,
+                    pad_id=pad_id,
+                    pad_type_id=self._pad_type_id,
+                    pad_token=tok.id_to_token(pad_id) or "",
+                )
+                self._settings = (limit, pad_id)
             encodings = tok.encode_batch(batch)
-        columns = {
-            "input_ids": [e.ids for e in encodings],
-            "attention_mask": [e.attention_mask for e in encodings],
-            "token_type_ids": [e.type_ids for e in encodings],
+        # Rows are padded to one length: numpy makes the [batch, seq] array in one step (torch.tensor on nested
+        # lists walks every element in Python).
+        return {
+            name: torch.from_numpy(np.array([getattr(e, _FIELDS[name]) for e in encodings], dtype=np.int64))
+            for name in self.input_names
         }
-        return {name: torch.tensor(columns[name], dtype=torch.long) for name in self.input_names}
 
     def encode(self, texts: str | list[str]) -> list[list[int]]:
         """Token ids of each text, unpadded and untruncated (prompts for generate)."""
@@ -180,6 +187,7 @@ class BundleTokenizer:
         with self._lock:
             self.backend.no_truncation()
             self.backend.no_padding()
+            self._settings = None
             return [e.ids for e in self.backend.encode_batch(batch)]
 
     def _clean(self, text: str) -> str:

@@ -1,8 +1,10 @@
 """The bundle's tokenizer (tokenizers library only) encodes and decodes as transformers' fast tokenizer does."""
 
 import json
+import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +102,21 @@ def test_bert_matches_transformers(tmp_path):
     assert_same_encoding(hf, ours, SENTENCES[0])
     assert (ours.pad_token_id, ours.mask_token_id) == (hf.pad_token_id, hf.mask_token_id)
     assert ours.bos_token_id is None and ours.eos_token_id is None
+
+
+def test_settings_follow_every_call_in_any_order(tmp_path):
+    # The backend's truncation and padding are set only when a call needs others than the last: calls that
+    # alternate limits, unpadded encode() and one-text batches must each still match transformers.
+    hf, ours = in_bundle(bert_tokenizer(model_max_length=12), tmp_path, BERT_INPUTS)
+    rng = random.Random(time.time_ns())
+    for _ in range(30):
+        texts = rng.sample(SENTENCES, rng.randint(1, len(SENTENCES)))
+        step = rng.choice(["default", "short", "encode"])
+        if step == "encode":
+            want = [hf(t, add_special_tokens=True)["input_ids"] for t in texts]
+            assert ours.encode(texts) == want
+        else:
+            assert_same_encoding(hf, ours, texts, **({"max_length": rng.randint(3, 9)} if step == "short" else {}))
 
 
 def test_bert_decodes_as_transformers(tmp_path):
