@@ -291,3 +291,54 @@ def test_requests_that_arrive_during_a_call_are_merged_into_the_next():
     answers, calls = run(main())
     assert calls == [[1], [2, 3, 4, 5, 6, 7]]  # under load batches still form: they queue while a call runs
     assert answers == [2 * v for v in (1, 2, 3, 4, 5, 6, 7)]
+
+
+class Threads(Slow):
+    """A Slow recorder that says every request is small, and records the thread each call ran in."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        super().__init__(seconds)
+        self.threads: list[int] = []
+
+    def small(self, item) -> bool:
+        return True
+
+    def run(self, items):
+        import threading
+
+        self.threads.append(threading.get_ident())
+        return super().run(items)
+
+
+def test_a_lone_small_request_runs_on_the_loop_once_a_lone_call_was_quick():
+    import threading
+
+    async def main():
+        handler = Threads()
+        batcher = DynamicBatcher({"embed": handler}, [(8, 16)], max_delay_ms=200)
+        await batcher.start()
+        lone = [await batcher.submit("embed", (1, 4, v)) for v in (1, 2, 3)]
+        together = await asyncio.gather(*(batcher.submit("embed", (1, 4, v)) for v in (4, 5)))
+        await batcher.drain()
+        return lone + together, handler
+
+    answers, handler = run(main())
+    loop = threading.get_ident()  # asyncio.run runs the loop in this thread
+    assert answers == [2, 4, 6, 8, 10] and handler.calls == [[1], [2], [3], [4, 5]]
+    # The first lone call runs in the worker (no call timed yet), the next ones on the loop; a batch, in the worker.
+    assert [t == loop for t in handler.threads] == [False, True, True, False]
+
+
+def test_a_lone_request_whose_calls_are_slow_stays_off_the_loop():
+    import threading
+
+    async def main():
+        handler = Threads(seconds=DynamicBatcher.INLINE_S * 5)
+        batcher = DynamicBatcher({"embed": handler}, [(8, 16)])
+        await batcher.start()
+        answers = [await batcher.submit("embed", (1, 4, v)) for v in (1, 2, 3)]
+        await batcher.drain()
+        return answers, handler
+
+    answers, handler = run(main())
+    assert answers == [2, 4, 6] and threading.get_ident() not in handler.threads
