@@ -1,11 +1,11 @@
 """Decode-step linears timed the way a decode step runs them, each candidate config forced in turn.
 
 A batch-1 decode step is a chain of short GEMVs whose weights are cold (the model streams through L2), with
-programmatic dependent launch overlapping each Triton kernel's start with the previous one's tail. The
-autotuner times a candidate alone (do_bench, L2 flushed, no predecessor to overlap). Here every candidate
-runs as a CUDA graph of back-to-back calls on rotating weight copies (more bytes than L2 holds), so the
-figure is µs per call inside a chain, the bandwidth it reaches, and which candidate the tuner picks (at a few
-rows it now chooses among the GEMV configs only; the other candidates are timed here for comparison).
+programmatic dependent launch overlapping each Triton kernel's start with the previous one's tail. Here every
+candidate runs the way the autotuner now times linears of few rows (autotune_cache.stream_timer): a CUDA graph
+of back-to-back calls on rotating weight copies (more bytes than L2 holds). The figures are µs per call inside
+that chain, the bandwidth it reaches, and which candidate the tuner picks (at one row it chooses among the GEMV
+configs only; the other candidates are timed here for comparison).
 
     python3 benchmarks/decode_linears.py --json out.json            # the Llama-8B tp=1/2/4 and 1.2B shapes
     python3 benchmarks/decode_linears.py --shapes linear:4096x2048 --m 1,4
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from collections.abc import Callable
 
 import torch
 
@@ -41,28 +39,6 @@ SHAPES = {
     "1.2b-gate-up": ("gated", 8192, 2048),
     "1.2b-down": ("linear", 2048, 8192),
 }
-CHAIN_BYTES = 400 * 2**20  # weights the graph rotates through: several times an H100's or H200's L2
-
-
-def _graph_us(fn: Callable[[], object], calls: int, replays: int = 20) -> float:
-    """µs per call of a CUDA graph that makes `calls` calls through fn, after a warm replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # compile and allocate outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (replays * calls)
 
 
 def _candidates(kind: str, m: int, n: int, k: int) -> tuple[str, tuple, list[dict]]:
@@ -89,34 +65,35 @@ def _candidates(kind: str, m: int, n: int, k: int) -> tuple[str, tuple, list[dic
 
 
 def measure(name: str, kind: str, n: int, k: int, m: int) -> dict:
-    weights_per_copy = (2 if kind == "gated" else 1) * n * k
-    copies = max(4, math.ceil(CHAIN_BYTES / (2 * weights_per_copy)))
-    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(copies)]
-    us = ws
-    if kind == "gated":
-        us = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(copies)]
+    tiles = 2 if kind == "gated" else 1
+    weights = tuple(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(tiles))
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     kernel, key, candidates = _candidates(kind, m, n, k)
 
-    def chain() -> None:
-        for w, u in zip(ws, us, strict=True):
-            gated_linear(x, w, u) if kind == "gated" else linear(x, w)
+    def call(operands: tuple[torch.Tensor, ...]) -> None:
+        gated_linear(x, *operands) if kind == "gated" else linear(x, *operands)
 
-    rows = []
-    for config in candidates:
+    def forced(config: dict, operands: tuple[torch.Tensor, ...]) -> None:
         tuner = autotune_cache.Tuner(frozen=True)
         entry = {"kernel": kernel, "key": list(key), "config": config}
         tuner.load({"version": autotune_cache.FORMAT_VERSION, "entries": [entry]})
         with autotune_cache.use(tuner):
-            try:
-                t = _graph_us(chain, copies)
-            except Exception as e:  # a config this GPU cannot run loses, as in the tuner
-                rows.append({"config": config, "error": str(e)[:200]})
-                continue
-        rows.append({"config": config, "us": round(t, 2), "tb_s": round(2 * weights_per_copy / t / 1e6, 3)})
+            call(operands)
+
+    # The tuner's own chain timing (autotune_cache.stream_timer), each candidate forced through the public op.
+    time_ms = autotune_cache.stream_timer(autotune_cache.Streamed(weights, forced))
+    rows = []
+    for config in candidates:
+        try:
+            t = time_ms(config) * 1000
+        except Exception as e:  # a config this GPU cannot run loses, as in the tuner
+            rows.append({"config": config, "error": str(e)[:200]})
+            continue
+        rows.append({"config": config, "us": round(t, 2), "tb_s": round(2 * tiles * n * k / t / 1e6, 3)})
+    del time_ms
     tuner = autotune_cache.Tuner()
     with autotune_cache.use(tuner):
-        chain()  # the tuner's own pick, timed its way
+        call(weights)  # the tuner's own pick, timed its way
     picked = tuner.lookup(kernel, key)
     timed = [r for r in rows if "us" in r]
     best = min(timed, key=lambda r: r["us"])
@@ -128,7 +105,7 @@ def measure(name: str, kind: str, n: int, k: int, m: int) -> dict:
         "m": m,
         "n": n,
         "k": k,
-        "mb": round(2 * weights_per_copy / 1e6, 1),
+        "mb": round(2 * tiles * n * k / 1e6, 1),
         "best": best,
         "tuner_pick": picked_row,
         "candidates": rows,

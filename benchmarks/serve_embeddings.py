@@ -258,6 +258,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--device", default="cuda", help="cpu: a quick check of the script itself")
     parser.add_argument("--procs", type=int, default=min(8, os.cpu_count() or 1), help="load generator processes")
+    parser.add_argument("--kernl-only", action="store_true", help="skip the HTTP floor and the HF app (A/B of trees)")
     args = parser.parse_args()
     import torch
 
@@ -296,43 +297,51 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
         res["answer_bytes"] = answer.stat().st_size
-        port = free_port()
-        floor = [sys.executable, "-c", FLOOR_APP, str(answer), str(port)]
-        proc = start(floor, env, port, work / f"{geometry}-floor.log")
-        try:
-            res["floor_1"] = load(port, 1, args.seconds / 2, pool)
-            res[f"floor_{args.clients}"] = load(port, args.clients, args.seconds, pool, args.procs)
-        finally:
-            proc.terminate()
-            proc.wait(30)
-        app = work / "hf_app.py"
-        app.write_text(HF_APP)
-        port = free_port()
-        hf_env = {
-            **env,
-            "BENCH_MODEL_DIR": str(args.model_dir),
-            "BENCH_GEOMETRY": json.dumps(GEOMETRIES[geometry]),
-            "BENCH_DEVICE": args.device,
-        }
-        uv = [sys.executable, "-m", "uvicorn", "hf_app:app", "--app-dir", str(work), "--port", str(port),
-              "--log-level", "warning"]  # fmt: skip
-        proc = start(uv, hf_env, port, work / f"{geometry}-hf.log")
-        try:
-            res["hf_eager_1"] = load(port, 1, args.seconds / 2, pool)
-            res[f"hf_eager_{args.clients}"] = load(port, args.clients, args.seconds, pool, args.procs)
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        if not args.kernl_only:
+            baselines(res, args, env, work, pool, geometry, answer)
         res["server_overhead_p50"] = res["kernl_1"]["p50_ms"] / res["direct_1"]["p50_ms"] - 1
-        # What kernl adds beyond the call itself and beyond what the client and HTTP cost any server (the floor).
-        beyond = res["kernl_1"]["p50_ms"] - res["floor_1"]["p50_ms"] - res["direct_1"]["p50_ms"]
-        res["beyond_floor_p50_ms"] = beyond
-        res["beyond_floor_pct_of_direct"] = 100 * beyond / res["direct_1"]["p50_ms"]
+        if "floor_1" in res:
+            # What kernl adds beyond the call itself and beyond what the client and HTTP cost any server (the floor).
+            beyond = res["kernl_1"]["p50_ms"] - res["floor_1"]["p50_ms"] - res["direct_1"]["p50_ms"]
+            res["beyond_floor_p50_ms"] = beyond
+            res["beyond_floor_pct_of_direct"] = 100 * beyond / res["direct_1"]["p50_ms"]
         results["models"][geometry] = res
         print(geometry, json.dumps(res, indent=1), flush=True)
     print(table(results), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def baselines(res: dict, args: argparse.Namespace, env: dict, work: Path, pool: list[str], geometry: str,
+              answer: Path) -> None:  # fmt: skip
+    """The HTTP floor and the HF eager app under the same load, into res."""
+    port = free_port()
+    floor = [sys.executable, "-c", FLOOR_APP, str(answer), str(port)]
+    proc = start(floor, env, port, work / f"{geometry}-floor.log")
+    try:
+        res["floor_1"] = load(port, 1, args.seconds / 2, pool)
+        res[f"floor_{args.clients}"] = load(port, args.clients, args.seconds, pool, args.procs)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    app = work / "hf_app.py"
+    app.write_text(HF_APP)
+    port = free_port()
+    hf_env = {
+        **env,
+        "BENCH_MODEL_DIR": str(args.model_dir),
+        "BENCH_GEOMETRY": json.dumps(GEOMETRIES[geometry]),
+        "BENCH_DEVICE": args.device,
+    }
+    uv = [sys.executable, "-m", "uvicorn", "hf_app:app", "--app-dir", str(work), "--port", str(port),
+          "--log-level", "warning"]  # fmt: skip
+    proc = start(uv, hf_env, port, work / f"{geometry}-hf.log")
+    try:
+        res["hf_eager_1"] = load(port, 1, args.seconds / 2, pool)
+        res[f"hf_eager_{args.clients}"] = load(port, args.clients, args.seconds, pool, args.procs)
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def _answer(port: int, text: str) -> bytes:
@@ -366,12 +375,15 @@ def table(results: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for geometry, res in results["models"].items():
-        under = [res[f"{name}_{n}"] for name in ("kernl", "floor", "hf_eager")]
-        loaded = " | ".join(f"{r['rps']:.0f} req/s, p50 {r['p50_ms']:.2f} ms" for r in under)
+        under = [res.get(f"{name}_{n}") for name in ("kernl", "floor", "hf_eager")]
+        loaded = " | ".join(f"{r['rps']:.0f} req/s, p50 {r['p50_ms']:.2f} ms" if r else "-" for r in under)
+        floor = f"{res['floor_1']['p50_ms']:.2f} ms" if "floor_1" in res else "-"
+        beyond = "-"
+        if "beyond_floor_p50_ms" in res:
+            beyond = f"{res['beyond_floor_p50_ms']:.2f} ms ({res['beyond_floor_pct_of_direct']:.0f}%)"
         rows.append(
             f"| {geometry} | {res['direct_1']['p50_ms']:.2f} ms | {res['kernl_1']['p50_ms']:.2f} ms "
-            f"| {res['floor_1']['p50_ms']:.2f} ms | {res['beyond_floor_p50_ms']:.2f} ms "
-            f"({res['beyond_floor_pct_of_direct']:.0f}%) | {loaded} |"
+            f"| {floor} | {beyond} | {loaded} |"
         )
     return "\n".join(rows)
 

@@ -5,6 +5,11 @@ dtype, M bucketed to a power of two (`bucket_m`), N, K and flags. `tune` times t
 per key with `triton.testing.do_bench`, on CUDA only; elsewhere it takes the first candidate
 untimed. `export` / `load` move the decisions in and out of a bundle as JSON-ready dicts.
 
+A kernel that streams its operands (a decode-step linear reading its weight once) is timed as a decode step
+runs it, when its launcher passes `Streamed`: a CUDA graph of back-to-back calls over copies of those operands,
+more bytes than L2 holds. Timed alone, such a kernel's launch and ramp-up dominate, and the pick was up to 2.7x
+slower inside a step than the best candidate (benchmarks/decode_linears.py).
+
 Decisions and the frozen flag belong to a `Tuner`. The module-level functions act on the current
 one: the tuner a `use(tuner)` block made current in this context (a compile session, a loaded
 bundle while its program runs), else the process default. So a bundle's frozen decisions apply
@@ -23,6 +28,7 @@ import math
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 
@@ -64,6 +70,53 @@ def _time_ms(fn: Callable[[], object]) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+# Linears of at most this many rows (M bucket) stream their weights, as decode steps do: timed with Streamed.
+STREAMED_M = 16
+# A streamed timing rotates through copies of the operands totalling this many bytes (several times an H100's or
+# H200's L2), in at most MAX_STREAM_CALLS calls a graph.
+STREAM_BYTES = 256 * 2**20
+MAX_STREAM_CALLS = 128
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """The operands a kernel streams from memory (weights), and run(config, operands) launching it on them."""
+
+    operands: tuple[torch.Tensor, ...]
+    run: Callable[[Config, tuple[torch.Tensor, ...]], object]
+
+
+def stream_timer(streamed: Streamed) -> Callable[[Config], float]:
+    """ms per call of a config inside a CUDA graph of back-to-back calls, each over its own copy of the operands.
+
+    The copies live as long as the returned function. Each config is run once outside the graph first (compile,
+    allocate; a config that cannot run raises there, not inside the capture).
+    """
+    per_call = sum(t.numel() * t.element_size() for t in streamed.operands)
+    calls = min(MAX_STREAM_CALLS, max(2, math.ceil(STREAM_BYTES / max(per_call, 1))))
+    sets = [streamed.operands] + [tuple(t.clone() for t in streamed.operands) for _ in range(calls - 1)]
+
+    def time_ms(config: Config) -> float:
+        def chain() -> None:
+            for operands in sets:
+                streamed.run(config, operands)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            chain()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            chain()
+        try:
+            return _time_ms(graph.replay) / calls
+        finally:
+            del graph
+
+    return time_ms
 
 
 def _capturing() -> bool:
@@ -111,6 +164,7 @@ class Tuner:
         run_fn: Callable[[Config], object],
         *,
         benchmark: bool = True,
+        streamed: Streamed | None = None,
     ) -> Config:
         """See the module-level tune()."""
         # Hot path, once per kernel launch: launchers pass keys of plain scalars, already normalised.
@@ -139,10 +193,16 @@ class Tuner:
             return self.decisions[full_key]
         best, best_ms, error = None, math.inf, None
         with self.aside():
+            timer = None
+            if streamed is not None:
+                try:
+                    timer = stream_timer(streamed)
+                except torch.OutOfMemoryError:  # no room for the copies: time each candidate alone
+                    timer = None
             for config in candidates:
                 self._count("benchmarks_run")
                 try:
-                    ms = _time_ms(lambda config=config: run_fn(config))
+                    ms = timer(config) if timer is not None else _time_ms(lambda config=config: run_fn(config))
                 except Exception as e:  # e.g. a config this GPU lacks shared memory or registers for: it loses
                     self._count("failed_candidates")
                     error = e
@@ -229,15 +289,18 @@ def tune(
     run_fn: Callable[[Config], object],
     *,
     benchmark: bool = True,
+    streamed: Streamed | None = None,
 ) -> Config:
     """The config to run `kernel_name` with for `key`, deciding (and recording) it on first use.
 
     candidates: configs in order of preference; the first is the default wherever nothing is timed.
     run_fn(config): launches the kernel once with that config; it must be safe to call repeatedly.
     benchmark: time the candidates (pass `tensor.is_cuda`); False picks the first one untimed.
+    streamed: time the candidates in a graph over copies of these operands (stream_timer) instead of alone.
     """
     tuner = _current.get()
-    return (_default if tuner is None else tuner).tune(kernel_name, key, candidates, run_fn, benchmark=benchmark)
+    chosen = (_default if tuner is None else tuner).tune
+    return chosen(kernel_name, key, candidates, run_fn, benchmark=benchmark, streamed=streamed)
 
 
 def export() -> dict:

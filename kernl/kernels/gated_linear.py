@@ -124,26 +124,27 @@ if HAS_TRITON:
         k_rows = weight_gate.stride(1) == 1 and weight_up.stride(1) == 1
         prefetch = prefetch_span(pdl, m, k) if k_rows else 0
 
-        def run(config: dict[str, int]) -> None:
+        def run(config: dict[str, int], operands: tuple[torch.Tensor, ...] = (weight_gate, weight_up)) -> None:
+            gate, up = operands
             if config.get(GEMV):
-                launch_gated_gemv(x2, weight_gate, weight_up, y2, activation, config)
+                launch_gated_gemv(x2, gate, up, y2, activation, config)
                 return
             # One program per output tile (plain ints: triton.cdiv costs microseconds per launch).
             grid = (-(-m // config["BLOCK_M"]) * -(-n // config["BLOCK_N"]),)
             gated_linear_kernel[grid](
                 x2,
-                weight_gate,
-                weight_up,
+                gate,
+                up,
                 y2,
                 m,
                 n,
                 k,
                 x2.stride(0),
                 x2.stride(1),
-                weight_gate.stride(0),
-                weight_gate.stride(1),
-                weight_up.stride(0),
-                weight_up.stride(1),
+                gate.stride(0),
+                gate.stride(1),
+                up.stride(0),
+                up.stride(1),
                 y2.stride(0),
                 y2.stride(1),
                 ACTIVATION=activation,
@@ -155,7 +156,10 @@ if HAS_TRITON:
             )
 
         candidates = gated_linear_configs(key[1], n, k, x2.element_size())
-        run(autotune_cache.tune("gated_linear", key, candidates, run, benchmark=x2.is_cuda))
+        # Few rows: the call is a stream of its weights, timed as a decode step runs it.
+        weights = (weight_gate, weight_up)
+        streamed = autotune_cache.Streamed(weights, run) if key[1] <= autotune_cache.STREAMED_M else None
+        run(autotune_cache.tune("gated_linear", key, candidates, run, benchmark=x2.is_cuda, streamed=streamed))
 
 
 def check_gated_linear_args(

@@ -163,15 +163,16 @@ if HAS_TRITON:
         pdl = pdl_options(x2)
         prefetch = {"PREFETCH_K": prefetch_span(pdl, m, k), "W_K_CONTIGUOUS": stride_wk == 1}
 
-        def run(config: dict[str, int]) -> None:
+        def run(config: dict[str, int], operands: tuple[torch.Tensor, ...] = (weight,)) -> None:
+            (w,) = operands
             if config.get(CUBLAS):
-                cublas_linear(x2, weight, weight_transposed, bias, r2, y2, act)
+                cublas_linear(x2, w, weight_transposed, bias, r2, y2, act)
                 return
             if config.get("SPLIT_K", 1) > 1:
-                launch_split_k(x2, weight, stride_wn, stride_wk, bias, r2, y2, act, config)
+                launch_split_k(x2, w, stride_wn, stride_wk, bias, r2, y2, act, config)
                 return
             if config.get(GEMV):
-                launch_gemv(x2, weight, stride_wn, stride_wk, bias, r2, y2, act, config)
+                launch_gemv(x2, w, stride_wn, stride_wk, bias, r2, y2, act, config)
                 return
             if "SPLIT_K" in config:  # SPLIT_K=1 is the plain kernel, which takes no such argument
                 config = {name: value for name, value in config.items() if name != "SPLIT_K"}
@@ -179,7 +180,7 @@ if HAS_TRITON:
             grid = (-(-m // config["BLOCK_M"]) * -(-n // config["BLOCK_N"]),)
             linear_kernel[grid](
                 x2,
-                weight,
+                w,
                 bias if bias is not None else y2,
                 r2 if r2 is not None else y2,
                 y2,
@@ -206,7 +207,9 @@ if HAS_TRITON:
 
         heavy_epilogue = act != "none" or r2 is not None
         candidates = linear_configs(key[1], n, k, x2.element_size(), heavy_epilogue, weight_transposed)
-        run(autotune_cache.tune("linear", key, candidates, run, benchmark=x2.is_cuda))
+        # Few rows: the call is a stream of its weight, timed as a decode step runs it.
+        streamed = autotune_cache.Streamed((weight,), run) if key[1] <= autotune_cache.STREAMED_M else None
+        run(autotune_cache.tune("linear", key, candidates, run, benchmark=x2.is_cuda, streamed=streamed))
 
 
 # Activations cuBLASLt applies in the GEMM's epilogue along with the bias (its GELU is the tanh form).
