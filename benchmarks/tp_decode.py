@@ -8,6 +8,8 @@ every rank holds the same norms and logits agree). Nothing is written to disk; k
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/tp_decode.py --out results/tp_decode_8b_tp2.json
     python benchmarks/tp_decode.py --out tp1.json                                   (one GPU, the baseline)
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 4 benchmarks/tp_decode.py --geometry 70b --layers 20 --out ...
+    python benchmarks/tp_decode.py --heads 8 --kv-heads 2 --intermediate 3584 --vocab 32064 --out r.json
+        (one GPU running one tp=4 rank's shapes of the 8B geometry, without its all-reduces)
     torchrun --nproc-per-node 2 benchmarks/tp_decode.py --device cpu --layers 2 --hidden 128 --intermediate 256 \
         --vocab 512 --heads 4 --kv-heads 2 --prompt 16 --new-tokens 8 --out /tmp/tp.json   (logic check, gloo)
 """
@@ -38,6 +40,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--geometry", choices=sorted(GEOMETRIES), default="8b")
     for name in ("layers", "hidden", "heads", "kv-heads", "intermediate", "vocab"):
         p.add_argument(f"--{name}", type=int, default=None, help="override the geometry's")
+    p.add_argument("--head-dim", type=int, default=None, help="default: hidden / heads")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
@@ -54,6 +57,7 @@ def geometry(args: argparse.Namespace) -> dict:
         value = getattr(args, key)
         if value is not None:
             g[key] = value
+    g["head_dim"] = args.head_dim or g["hidden"] // g["heads"]
     return g
 
 
@@ -80,7 +84,8 @@ def lower(g: dict, dtype: torch.dtype, device: torch.device, world: int, prompt:
 
     config = LlamaConfig(
         vocab_size=g["vocab"], hidden_size=g["hidden"], num_hidden_layers=g["layers"],
-        num_attention_heads=g["heads"], num_key_value_heads=g["kv_heads"], intermediate_size=g["intermediate"],
+        num_attention_heads=g["heads"], num_key_value_heads=g["kv_heads"], head_dim=g["head_dim"],
+        intermediate_size=g["intermediate"],
         max_position_embeddings=max(8192, prompt + new + 1), rope_theta=500000.0, tie_word_embeddings=False,
     )  # fmt: skip
     with torch.device("meta"):
