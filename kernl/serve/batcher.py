@@ -6,10 +6,8 @@ while their rows (and length, when known) still fit one bucket; the batch then r
 event loop stays free), where the handler does the heavy part for all its requests at once (tokenizing, the call,
 pooling), and each request gets its own answer back, or its own error. With idle_dispatch (the default) a lone
 request runs at once: when it is the only one waiting, no other can join its window, so waiting it out would only
-add latency; under load requests pile up while a call runs and still form batches. A lone request that its handler
-calls small runs on the event loop itself: the thread hop there and back (two thread wake-ups) costs more than a
-small call holds the loop, and nothing else waits for the loop then. The queue is the only queue: the bundle is
-never called by two threads at once.
+add latency; under load requests pile up while a call runs and still form batches. The queue is the only queue:
+the bundle's lock is never waited on by more than this one thread.
 """
 
 from __future__ import annotations
@@ -67,8 +65,6 @@ class BatchHandler(Protocol):
         """One result a request, from bundle calls over all their rows (runs in the worker thread). A result that
         is an exception fails its request alone; raising fails the whole batch (then each request runs alone)."""
 
-    # Optional: small(item) -> bool, True when running item alone holds the event loop less than a thread hop costs.
-
 
 class BatchObserver(Protocol):
     """What the batcher reports (kernl.serve.metrics.Metrics)."""
@@ -91,13 +87,9 @@ class DynamicBatcher(WorkerLoop):
 
     handlers: request kind -> BatchHandler. buckets: the bundle's (batch, seq) buckets; a batch is formed only
     while some bucket covers its rows and longest row. max_rows: cap on rows a call (default: the largest batch).
-    idle_dispatch: a request alone in the queue runs at once (a small one on the event loop) instead of waiting out
-    max_delay_ms (False: every request waits its window, in the worker thread, for deployments that always batch).
+    idle_dispatch: a request alone in the queue, with none being prepared, runs at once instead of waiting out
+    max_delay_ms (False: every request waits its window, for deployments that always want to batch).
     """
-
-    # A lone small request runs on the event loop while the last one ran in less than this (the most it holds the
-    # loop, give or take one slower call): two thread wake-ups cost ~0.1 ms, a sizeable part of a fast call.
-    INLINE_S = 0.002
 
     def __init__(
         self,
@@ -125,7 +117,6 @@ class DynamicBatcher(WorkerLoop):
         self._task: asyncio.Task | None = None
         self._closing = False
         self._executor: ThreadPoolExecutor | None = None
-        self._lone_seconds = float("inf")  # the last lone small request's run; none yet: it runs in the worker
 
     # -- the Scheduler protocol ------------------------------------------------------------------------------
 
@@ -185,11 +176,6 @@ class DynamicBatcher(WorkerLoop):
         """Whether nothing can join the head's window now: it waits alone (requests join the queue at once)."""
         return self.idle_dispatch and len(self._waiting) == 1
 
-    def _lone(self, handler: BatchHandler, batch: list[_Waiting]) -> bool:
-        """Whether batch is one small request with nothing waiting behind it (no call runs: the loop awaits each)."""
-        small = getattr(handler, "small", None)
-        return len(batch) == 1 and not self._waiting and small is not None and small(batch[0].item)
-
     def _drop_cancelled(self) -> None:
         while self._waiting and self._waiting[0].future.done():
             self._waiting.popleft()
@@ -232,17 +218,9 @@ class DynamicBatcher(WorkerLoop):
     async def _run(self, kind: str, batch: list[_Waiting]) -> None:
         handler = self.handlers[kind]
         loop = asyncio.get_running_loop()
-        lone = self.idle_dispatch and self._lone(handler, batch)
         start = time.perf_counter()
         try:
-            # On the loop only while the last lone call was quick: the loop is never held for long, whatever the
-            # device or model (a CPU bundle's call takes milliseconds, where a thread hop is noise).
-            if lone and self._lone_seconds < self.INLINE_S:
-                results = handler.run([batch[0].item])
-            else:
-                results = await loop.run_in_executor(self._executor, handler.run, [w.item for w in batch])
-            if lone:
-                self._lone_seconds = time.perf_counter() - start
+            results = await loop.run_in_executor(self._executor, handler.run, [w.item for w in batch])
             outcomes = [(w, r, None) for w, r in zip(batch, results, strict=True)]
         except Exception as err:
             if len(batch) == 1:

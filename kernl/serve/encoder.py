@@ -163,13 +163,6 @@ class EncoderHandler:
         self.check = check
         self.outputs = outputs
 
-    # A request this small takes well under a millisecond on a GPU: run alone, it may hold the event loop.
-    SMALL_TEXTS, SMALL_CHARS = 4, 2048
-
-    def small(self, item: Prepared) -> bool:
-        texts = item.data.texts
-        return len(texts) <= self.SMALL_TEXTS and sum(len(t) for t in texts) <= self.SMALL_CHARS
-
     def prepare(self, payload: Texts) -> Prepared:
         self.encoder.check(payload.texts)
         return Prepared(rows=len(payload.texts), seq=0, data=payload)
