@@ -43,34 +43,27 @@ class Pooling:
     def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """hidden: [rows, seq, dim], mask: [rows, seq] (1 on real tokens) -> [rows, dim * len(modes)], fp32."""
         hidden = hidden.float()
-        m = mask.to(hidden.device, torch.float32)
+        m = mask.to(hidden.device, torch.float32).unsqueeze(-1)
         parts = [_pool(mode, hidden, m) for mode in self.modes]
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        if not self.normalize:
-            return out
-        # F.normalize's arithmetic without its Python wrappers (a measurable part of a small batch's pooling).
-        return out / torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def _weighted_sum(w: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """sum over seq of w[row, seq] * hidden[row, seq, :], as one batched matmul (fewer ops than multiply + sum)."""
-    return torch.bmm(w.unsqueeze(1), hidden).squeeze(1)
+        return torch.nn.functional.normalize(out, p=2, dim=-1) if self.normalize else out
 
 
 def _pool(mode: str, hidden: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """m: [rows, seq] fp32 mask."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    count = m.sum(1).clamp(min=1e-9)
     if mode == "cls":  # the first real token
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), m.argmax(1)]
-    if mode == "lasttoken":  # the last real token
-        last = hidden.shape[1] - 1 - m.flip(1).argmax(1)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    if mode == "max":
-        return hidden.masked_fill(m.unsqueeze(-1) == 0, float("-inf")).max(1).values
-    if mode == "weightedmean":  # weights 1, 2, 3... from the first real token
-        first = m.argmax(1, keepdim=True).to(hidden.dtype)
-        w = m * (torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=hidden.dtype) - first)
-        return _weighted_sum(w, hidden) / w.sum(1, keepdim=True).clamp(min=1e-9)
-    count = m.sum(1, keepdim=True).clamp(min=1e-9)
+        return hidden[rows, m.squeeze(-1).argmax(1)]
+    if mode == "mean":
+        return (hidden * m).sum(1) / count
     if mode == "mean_sqrt_len_tokens":
-        return _weighted_sum(m, hidden) / count.sqrt()
-    return _weighted_sum(m, hidden) / count  # mean
+        return (hidden * m).sum(1) / count.sqrt()
+    if mode == "max":
+        return hidden.masked_fill(m == 0, float("-inf")).max(1).values
+    if mode == "weightedmean":  # weights 1, 2, 3... from the first real token
+        first = m.squeeze(-1).argmax(1).view(-1, 1, 1).to(hidden.dtype)
+        w = m * (torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=hidden.dtype).view(1, -1, 1) - first)
+        return (hidden * w).sum(1) / w.sum(1).clamp(min=1e-9)
+    # lasttoken: the last real token
+    last = hidden.shape[1] - 1 - m.squeeze(-1).flip(1).argmax(1)
+    return hidden[rows, last]
