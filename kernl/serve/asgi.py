@@ -95,15 +95,12 @@ def _serve(bundle: Any, name: str, options: ServeOptions) -> Served:
         log.warning("kernl serve: the model's sentence-transformers modules %s are not run", ", ".join(skipped))
     encoder = Encoder(bundle, tok, max_seq=pooling.max_seq_length, max_rows=options.max_batch)
     handlers: dict[str, EncoderHandler] = {}
-    # Only the outputs an answer reads come back to the CPU (on a GPU, each is a copy and a wait).
-    names = [o.get("name") for o in manifest.get("outputs") or []]
     if task == "feature-extraction":
-        hidden = ["last_hidden_state"] if "last_hidden_state" in names else None
-        handlers["embeddings"] = EncoderHandler(encoder, embeddings(pooling), outputs=hidden)
+        handlers["embeddings"] = EncoderHandler(encoder, embeddings(pooling))
     elif task == "sequence-classification":
-        handlers["predict"] = EncoderHandler(encoder, classify(manifest.get("id2label") or {}), outputs=["logits"])
+        handlers["predict"] = EncoderHandler(encoder, classify(manifest.get("id2label") or {}))
     elif task == "masked-lm":
-        handlers["predict"] = EncoderHandler(encoder, fill_masks(tok), check_masks(tok), outputs=["logits"])
+        handlers["predict"] = EncoderHandler(encoder, fill_masks(tok), check_masks(tok))
     if not handlers:
         log.warning("kernl serve: no endpoint answers task %s yet; only /health, /v1/models and /metrics", task)
     metrics = Metrics(encoder.max_rows)

@@ -1,13 +1,13 @@
 """Dynamic batching: requests that arrive within a short window share one bundle call.
 
-Each request is checked on the event loop (cheap: its row count), then waits in one FIFO queue. The worker takes
-the head request and, for at most max_batch_delay_ms after it arrived, lets later requests of the same kind join
-while their rows (and length, when known) still fit one bucket; the batch then runs in a single worker thread (the
-event loop stays free), where the handler does the heavy part for all its requests at once (tokenizing, the call,
-pooling), and each request gets its own answer back, or its own error. With idle_dispatch (the default) a lone
-request runs at once: when it is the only one waiting, no other can join its window, so waiting it out would only
-add latency; under load requests pile up while a call runs and still form batches. The queue is the only queue:
-the bundle's lock is never waited on by more than this one thread.
+Each request is prepared on its own (validated, tokenized): on the event loop when its handler says that is
+cheap (a few short texts: a thread hop would cost more), else in a thread; then it waits in one FIFO queue. The
+worker takes the head request and, for at most max_batch_delay_ms after it arrived, lets later requests of the
+same kind join while their rows and length still fit one bucket; the batch then runs as ONE call in a single
+worker thread (the event loop stays free) and each request gets its own slice back. With idle_dispatch (the
+default) a lone request runs at once: when it is the only one waiting and none is being prepared, no other can
+join its window, so waiting it out would only add latency; under load requests pile up while a call runs and
+still form batches. The queue is the only queue: the bundle's lock is never waited on by more than this one thread.
 """
 
 from __future__ import annotations
@@ -29,41 +29,23 @@ log = logging.getLogger("kernl.serve")
 
 @dataclass
 class Prepared:
-    """One request, ready to join a batch: its row count, its longest row in tokens (0: known only once the
-    handler runs it, which then fits its calls to the buckets itself), and the handler's data."""
+    """One request, ready to join a batch: its row count, its longest row in tokens, and the handler's data."""
 
     rows: int
     seq: int
     data: Any = None
 
 
-@dataclass(frozen=True)
-class Buckets:
-    """The (batch, seq) call shapes a bundle runs, capped at max_rows rows a call."""
-
-    shapes: tuple[tuple[int, int], ...]
-    max_rows: int
-
-    def fits(self, rows: int, seq: int) -> bool:
-        """Whether one call of rows rows, the longest seq tokens, has a covering bucket within max_rows."""
-        return rows <= self.max_rows and any(b >= rows and s >= seq for b, s in self.shapes)
-
-    def refusal(self, rows: int, seq: int) -> TooLarge:
-        return TooLarge(
-            f"{rows} input(s) of up to {seq} tokens: no bucket takes them "
-            f"(buckets: {', '.join(f'{b}x{s}' for b, s in self.shapes)}; at most {self.max_rows} rows a call)"
-        )
-
-
 class BatchHandler(Protocol):
     """Turns one kind of request into rows, and runs a batch of them as one bundle call."""
 
     def prepare(self, payload: Any) -> Prepared:
-        """Check one request on the event loop (keep it cheap); raise kernl.InputError for bad input."""
+        """Validate and tokenize one request (runs in a thread); raise kernl.InputError for bad input."""
 
     def run(self, items: list[Prepared]) -> list[Any]:
-        """One result a request, from bundle calls over all their rows (runs in the worker thread). A result that
-        is an exception fails its request alone; raising fails the whole batch (then each request runs alone)."""
+        """One result a request, from ONE bundle call over all their rows (runs in the worker thread)."""
+
+    # Optional: cheap(payload) -> bool, True when prepare(payload) is fast enough to run on the event loop.
 
 
 class BatchObserver(Protocol):
@@ -104,14 +86,14 @@ class DynamicBatcher(WorkerLoop):
     ) -> None:
         self.handlers = dict(handlers)
         self.kinds = frozenset(self.handlers)
-        shapes = tuple((int(b), int(s)) for b, s in buckets)
-        largest = max(b for b, _ in shapes)
-        self.buckets = Buckets(shapes, min(max_rows or largest, largest))
-        self.max_rows = self.buckets.max_rows
+        self.buckets = [tuple(b) for b in buckets]
+        largest = max(b for b, _ in self.buckets)
+        self.max_rows = min(max_rows or largest, largest)
         self.max_queue = max_queue
         self.max_delay = max_delay_ms / 1000
         self.observer = observer
         self.idle_dispatch = idle_dispatch
+        self._preparing = 0  # requests being prepared in a thread: they may still join the head's window
         self._waiting: deque[_Waiting] = deque()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -130,10 +112,24 @@ class DynamicBatcher(WorkerLoop):
         self._task = asyncio.create_task(self._loop(), name="kernl-batcher")
 
     async def submit(self, kind: str, payload: Any) -> Any:
-        self._admit()
-        item = self.handlers[kind].prepare(payload)
+        self._admit()  # refuse at once, before tokenizing, when the queue is already full
+        handler = self.handlers[kind]
+        cheap = getattr(handler, "cheap", None)
+        if cheap is not None and cheap(payload):
+            item = handler.prepare(payload)
+        else:
+            self._preparing += 1
+            try:
+                item = await asyncio.to_thread(handler.prepare, payload)
+            finally:
+                self._preparing -= 1
+                self._wake.set()  # the head may have been waiting for this one only
         if not self.fits(item.rows, item.seq):
-            raise self.buckets.refusal(item.rows, item.seq)
+            raise TooLarge(
+                f"{item.rows} input(s) of up to {item.seq} tokens: no bucket takes them "
+                f"(buckets: {', '.join(f'{b}x{s}' for b, s in self.buckets)}; at most {self.max_rows} rows a call)"
+            )
+        self._admit()
         waiting = _Waiting(kind, item, asyncio.get_running_loop().create_future())
         self._waiting.append(waiting)
         self._queued()
@@ -144,7 +140,8 @@ class DynamicBatcher(WorkerLoop):
     # -- batching -------------------------------------------------------------------------------------------
 
     def fits(self, rows: int, seq: int) -> bool:
-        return self.buckets.fits(rows, seq)
+        """Whether one call of rows rows, the longest seq tokens, has a covering bucket within max_rows."""
+        return rows <= self.max_rows and any(b >= rows and s >= seq for b, s in self.buckets)
 
     def _admit(self) -> None:
         if self._closing or self._task is None:
@@ -173,8 +170,8 @@ class DynamicBatcher(WorkerLoop):
         return taken, rows >= self.max_rows
 
     def _alone(self) -> bool:
-        """Whether nothing can join the head's window now: it waits alone (requests join the queue at once)."""
-        return self.idle_dispatch and len(self._waiting) == 1
+        """Whether nothing can join the head's window now: it waits alone and no request is being prepared."""
+        return self.idle_dispatch and self._preparing == 0 and len(self._waiting) == 1
 
     def _drop_cancelled(self) -> None:
         while self._waiting and self._waiting[0].future.done():
@@ -239,8 +236,6 @@ class DynamicBatcher(WorkerLoop):
         for waiting, result, err in outcomes:
             if waiting.future.done():  # its client went away
                 continue
-            if isinstance(result, BaseException):  # the handler failed this request alone
-                result, err = None, result
             if err is None:
                 waiting.future.set_result(result)
             else:

@@ -1,22 +1,20 @@
-"""Encoder requests (embeddings, predictions): a batch of requests' texts to token rows, bundle calls, answers.
+"""Encoder requests (embeddings, predictions): texts to token rows, many requests' rows into ONE bundle call.
 
-A batch is tokenized in the worker thread with one tokenizer call for all its texts (padded to the longest, as
-tokenizing them together always gave; the tokenizer leaves the GIL, so the event loop goes on meanwhile). A
-request with a text past max_seq tokens, or one its handler's check refuses, gets its own error; the others run,
-in as few calls as the buckets allow, and each call's outputs are turned into answers at once (one pooling of all
-its rows), then split back by request.
+Each request is tokenized alone (padded to its own longest text); a batch pads every request to the batch's
+longest row on the tokenizer's padding side, with the values the tokenizer pads with, so the merged call sees
+exactly what tokenizing all texts at once would give. Outputs are split back by rows and sequence length.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kernl.errors import InputError
-from kernl.serve.batcher import Buckets, Prepared
+from kernl.serve.batcher import Prepared
 from kernl.serve.errors import TooLarge
 
 
@@ -36,26 +34,8 @@ class Texts:
     options: dict[str, Any]
 
 
-@dataclass
-class Call:
-    """One bundle call over several requests' rows: the merged inputs, the outputs on the CPU, and each request's
-    payload and (first row, end row, width): its width is its longest row, as it would be tokenized alone."""
-
-    inputs: dict[str, torch.Tensor]
-    outputs: dict[str, torch.Tensor]
-    payloads: list[Texts]
-    spans: list[tuple[int, int, int]]
-    cut: Callable[[str, torch.Tensor, int, int, int], torch.Tensor]
-
-    def request(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Request i's inputs and outputs: its rows, cut to its own width on the padding side."""
-        start, end, width = self.spans[i]
-        inputs = {name: self.cut(name, t, start, end, width) for name, t in self.inputs.items()}
-        return inputs, {name: self.cut(name, t, start, end, width) for name, t in self.outputs.items()}
-
-
 class Encoder:
-    """bundle + its tokenizer: tokenize a batch, check each request's lengths, run calls that buckets cover."""
+    """bundle + its tokenizer: encode one request, run a batch of them, split the outputs back."""
 
     def __init__(self, bundle: Any, tokenizer: Any, *, max_seq: int | None = None, max_rows: int | None = None) -> None:
         self.bundle = bundle
@@ -63,143 +43,91 @@ class Encoder:
         longest, largest = max(s for _, s in bundle.buckets), max(b for b, _ in bundle.buckets)
         self.max_seq = min(max_seq or longest, longest)
         self.max_rows = min(max_rows or largest, largest)
-        self.buckets = Buckets(tuple((int(b), int(s)) for b, s in bundle.buckets), self.max_rows)
         self.left = tokenizer.padding_side == "left"
+        pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+        pad_type = tokenizer.config.get("pad_token_type_id")
+        self.pad_values = {"input_ids": pad, "attention_mask": 0, "token_type_ids": pad_type or 0}
         outputs = bundle.manifest.get("outputs") or []
         # Which outputs follow the batch's rows and its sequence (dims as the manifest names them).
         self.dims = {o["name"]: list(o.get("dims") or []) for o in outputs}
 
-    def check(self, texts: list[str]) -> None:
-        """What a request's texts can be refused for before tokenizing (on the event loop)."""
+    def encode(self, texts: list[str]) -> Prepared:
+        """Prepared(rows, longest row, inputs) for one request; TooLarge when a text passes max_seq tokens."""
         if not texts:
             raise InputError("input: empty; give a string or a non-empty list of strings")
         if len(texts) > self.max_rows:
             raise TooLarge(f"input: {len(texts)} texts, at most {self.max_rows} a request")
-
-    def tokenize(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], list[int]]:
-        """Every text's tokens, padded to the longest ([texts, longest] tensors), and each text's length.
-
-        Truncating one token past max_seq tells an over-long text apart without encoding all of it."""
+        # Truncating one token past the limit tells an over-long text apart without encoding all of it twice.
         inputs = self.tokenizer(texts, max_length=self.max_seq + 1)
-        return inputs, inputs["attention_mask"].sum(1).tolist()
+        seq = inputs["input_ids"].shape[1]
+        # Rows are padded to the longest: only a width past max_seq has a row too long. Checking the width first
+        # keeps the per-row tensor ops (a measurable part of a small request's event-loop time) off the usual path.
+        if seq > self.max_seq:
+            too_long = (inputs["attention_mask"].sum(1) > self.max_seq).nonzero().flatten().tolist()
+            raise TooLarge(f"input {too_long[0]}: longer than {self.max_seq} tokens, the most this server takes")
+        return Prepared(rows=len(texts), seq=seq, data=inputs)
 
-    def too_long(self, lengths: Sequence[int]) -> TooLarge | None:
-        """The error of a request whose texts have these lengths, or None when each fits."""
-        for i, n in enumerate(lengths):
-            if n > self.max_seq:
-                return TooLarge(f"input {i}: longer than {self.max_seq} tokens, the most this server takes")
-        return None
+    def _pad(self, name: str, t: torch.Tensor, seq: int) -> torch.Tensor:
+        extra = seq - t.shape[1]
+        if extra == 0:
+            return t
+        side = (extra, 0) if self.left else (0, extra)
+        return torch.nn.functional.pad(t, side, value=self.pad_values.get(name, 0))
 
-    def cut(self, name: str, t: torch.Tensor, start: int, end: int, width: int) -> torch.Tensor:
-        """Rows start:end of a [batch, (seq), ...] tensor, cut to width on the padding side."""
+    def forward(self, items: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """One bundle call over every item's rows; each item's outputs, on the CPU, cut to its rows and length."""
+        seq = max(inputs["input_ids"].shape[1] for inputs in items)
+        merged = {name: torch.cat([self._pad(name, inputs[name], seq) for inputs in items]) for name in items[0]}
+        outputs = {name: t.cpu() for name, t in self.bundle(**merged).items()}
+        results, row = [], 0
+        for inputs in items:
+            rows, own = inputs["input_ids"].shape
+            results.append({name: self._cut(name, t, row, rows, own, seq) for name, t in outputs.items()})
+            row += rows
+        return results
+
+    def _cut(self, name: str, t: torch.Tensor, row: int, rows: int, own: int, seq: int) -> torch.Tensor:
         dims = self.dims.get(name) or ["batch", "seq"][: t.dim()]
-        if dims[:1] == ["batch"] and (start, end) != (0, t.shape[0]):
-            t = t[start:end]
-        if dims[1:2] == ["seq"] and width < t.shape[1]:
-            t = t[:, t.shape[1] - width :] if self.left else t[:, :width]
+        if dims[:1] == ["batch"]:
+            t = t[row : row + rows]
+        if dims[1:2] == ["seq"] and own < seq:
+            t = t[:, seq - own :] if self.left else t[:, :own]
         return t
-
-    def calls(
-        self,
-        inputs: dict[str, torch.Tensor],
-        requests: list[tuple[int, int, int]],
-        payloads: list[Texts],
-        outputs: Sequence[str] | None = None,
-    ) -> Iterator[tuple[list[int], Call]]:
-        """Run requests (first row, end row, width in inputs), in order, in as few calls as the buckets allow;
-        yield each call's request indices and the Call. outputs: the outputs to bring to the CPU (default: all)."""
-        group: list[int] = []
-        rows = seq = 0
-        for i, (start, end, width) in enumerate(requests):
-            if group and not self.buckets.fits(rows + end - start, max(seq, width)):
-                yield group, self._call(inputs, [requests[j] for j in group], [payloads[j] for j in group], outputs)
-                group, rows, seq = [], 0, 0
-            group.append(i)
-            rows, seq = rows + end - start, max(seq, width)
-        if group:
-            yield group, self._call(inputs, [requests[j] for j in group], [payloads[j] for j in group], outputs)
-
-    def _call(
-        self,
-        inputs: dict[str, torch.Tensor],
-        requests: list[tuple[int, int, int]],
-        payloads: list[Texts],
-        names: Sequence[str] | None,
-    ) -> Call:
-        width = max(w for _, _, w in requests)
-        if all(requests[k][1] == requests[k + 1][0] for k in range(len(requests) - 1)):
-            start, end = requests[0][0], requests[-1][1]  # adjacent rows (the usual case): views, no copies
-            merged = {name: self.cut(name, t, start, end, width) for name, t in inputs.items()}
-        else:
-            index = torch.tensor([r for s, e, _ in requests for r in range(s, e)])
-            merged = {
-                name: self.cut(name, t.index_select(0, index), 0, len(index), width) for name, t in inputs.items()
-            }
-        out = self.bundle(**merged)
-        wanted = list(out.keys()) if names is None else names
-        spans, row = [], 0
-        for start, end, w in requests:
-            spans.append((row, row + end - start, w))
-            row += end - start
-        return Call(merged, {name: out[name].cpu() for name in wanted}, payloads, spans, self.cut)
 
 
 class EncoderHandler:
-    """A BatchHandler (kernl.serve.batcher): check a request's texts, then tokenize, run and finish whole batches.
+    """A BatchHandler (kernl.serve.batcher): check, encode, run; finish turns one request's outputs into its answer.
 
-    finish(call) -> one result a request of the call (an exception fails that request alone); check(payload,
-    inputs) refuses a request by its tokens (kernl.InputError) without failing the others. outputs: the bundle
-    outputs finish reads (default: all)."""
+    check(payload, inputs) runs on the request alone (bad input fails before queueing); finish(payload, inputs,
+    outputs) runs in the worker thread after the call."""
 
     def __init__(
         self,
         encoder: Encoder,
-        finish: Callable[[Call], list[Any]],
+        finish: Callable[[Texts, dict[str, torch.Tensor], dict[str, torch.Tensor]], Any],
         check: Callable[[Texts, dict[str, torch.Tensor]], None] | None = None,
-        outputs: Sequence[str] | None = None,
     ) -> None:
         self.encoder = encoder
         self.finish = finish
         self.check = check
-        self.outputs = outputs
+
+    # Tokenizing this much takes well under a thread hop's cost (~0.1 ms), so it runs on the event loop.
+    CHEAP_TEXTS, CHEAP_CHARS = 4, 2048
+
+    def cheap(self, payload: Texts) -> bool:
+        texts = payload.texts
+        return len(texts) <= self.CHEAP_TEXTS and sum(len(t) for t in texts) <= self.CHEAP_CHARS
 
     def prepare(self, payload: Texts) -> Prepared:
-        self.encoder.check(payload.texts)
-        return Prepared(rows=len(payload.texts), seq=0, data=payload)
-
-    def run(self, items: list[Prepared]) -> list[Any]:
-        payloads: list[Texts] = [item.data for item in items]
-        inputs, lengths = self.encoder.tokenize([text for p in payloads for text in p.texts])
-        results: list[Any] = [None] * len(items)
-        taken, spans, row = [], [], 0
-        for i, payload in enumerate(payloads):
-            start, row = row, row + len(payload.texts)
-            span = (start, row, max(lengths[start:row]))
-            error = self._refused(payload, inputs, lengths, span)
-            if error is None:
-                taken.append(i)
-                spans.append(span)
-            results[i] = error
-        if taken:
-            for group, call in self.encoder.calls(inputs, spans, [payloads[i] for i in taken], self.outputs):
-                for j, result in zip(group, self.finish(call), strict=True):
-                    tokens = sum(lengths[spans[j][0] : spans[j][1]])
-                    results[taken[j]] = result if isinstance(result, BaseException) else Answer(result, tokens)
-        return results
-
-    def _refused(
-        self, payload: Texts, inputs: dict[str, torch.Tensor], lengths: list[int], span: tuple[int, int, int]
-    ) -> Exception | None:
-        """Why one request of the batch cannot run (its own error, the others still run), or None."""
-        start, end, width = span
-        error = self.encoder.too_long(lengths[start:end])
-        if error is not None:
-            return error
+        item = self.encoder.encode(payload.texts)
         if self.check is not None:
-            try:
-                self.check(payload, {name: self.encoder.cut(name, t, start, end, width) for name, t in inputs.items()})
-            except InputError as err:
-                return err
-        if not self.encoder.buckets.fits(end - start, width):
-            return self.encoder.buckets.refusal(end - start, width)
-        return None
+            self.check(payload, item.data)
+        item.data = (payload, item.data)
+        return item
+
+    def run(self, items: list[Prepared]) -> list[Answer]:
+        outputs = self.encoder.forward([item.data[1] for item in items])
+        return [
+            Answer(self.finish(payload, inputs, out), int(inputs["attention_mask"].sum()))
+            for (payload, inputs), out in zip((item.data for item in items), outputs, strict=True)
+        ]

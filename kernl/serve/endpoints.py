@@ -73,8 +73,9 @@ async def embeddings(served: Served, body: EmbeddingsBody) -> dict:
     check_model(served, body.model)
     check_dimensions(body.dimensions, served.dim)
     answer = await served.dispatcher.submit("embeddings", Texts(body.texts(), {}))
-    rows = answer.result  # fp32 numpy [texts, dim]; its rows serialise as they are (responses.dumps)
-    check_dimensions(body.dimensions, rows.shape[-1])
+    vectors = answer.result
+    check_dimensions(body.dimensions, vectors.shape[-1])
+    rows = vectors.contiguous().numpy()  # fp32 [texts, dim]; its rows serialise as they are (responses.dumps)
     if body.encoding_format == "base64":
         embedded = [base64.b64encode(row.astype("<f4").tobytes()).decode() for row in rows]
     else:

@@ -1,7 +1,4 @@
-"""What each task answers: embeddings from token states; labels or top tokens from logits.
-
-Each finish(call) answers every request of one bundle call (kernl.serve.encoder.Call) at once, one result a
-request; what can be done for all rows together (pooling, softmax) is done once a call."""
+"""What each task answers: embeddings from token states; labels or top tokens from logits."""
 
 from __future__ import annotations
 
@@ -10,7 +7,7 @@ from typing import Any
 import torch
 
 from kernl.errors import InputError
-from kernl.serve.encoder import Call, Texts
+from kernl.serve.encoder import Texts
 from kernl.serve.pooling import Pooling
 from kernl.serve.responses import check_finite
 
@@ -26,15 +23,13 @@ def serve_task(manifest: dict[str, Any]) -> str:
 
 
 def embeddings(pooling: Pooling):
-    """finish() for /v1/embeddings: one fp32 vector a text, pooled and normalised as the model's config says; each
-    request's rows as a numpy array, ready for its response."""
+    """finish() for /v1/embeddings: one fp32 vector a text, pooled and normalised as the model's config says."""
 
-    def finish(call: Call) -> list[Any]:
-        hidden = call.outputs.get("last_hidden_state")
+    def finish(payload: Texts, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = outputs.get("last_hidden_state")
         if hidden is None:
-            hidden = next(iter(call.outputs.values()))
-        vectors = pooling(hidden, call.inputs["attention_mask"]).cpu().numpy()
-        return [vectors[start:end] for start, end, _ in call.spans]
+            hidden = next(iter(outputs.values()))
+        return pooling(hidden, inputs["attention_mask"])
 
     return finish
 
@@ -42,24 +37,17 @@ def embeddings(pooling: Pooling):
 def classify(id2label: dict[str, str]):
     """finish() for a classifier's /v1/predict: each text's label, its probability, and every label's."""
 
-    def finish(call: Call) -> list[Any]:
-        probs = call.outputs["logits"].float().softmax(-1)
-        return [_labels(probs[start:end], id2label) for start, end, _ in call.spans]
+    def finish(payload: Texts, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> list[dict]:
+        probs = outputs["logits"].float().softmax(-1)
+        check_finite(probs)
+        answers = []
+        for row in probs.tolist():
+            order = sorted(range(len(row)), key=lambda i: -row[i])
+            scores = [{"label": id2label.get(str(i), f"LABEL_{i}"), "score": row[i]} for i in order]
+            answers.append({"label": scores[0]["label"], "score": scores[0]["score"], "scores": scores})
+        return answers
 
     return finish
-
-
-def _labels(probs: torch.Tensor, id2label: dict[str, str]) -> list[dict] | ValueError:
-    try:
-        check_finite(probs)
-    except ValueError as err:  # this request's answer cannot be JSON (a 500); the others' can
-        return err
-    answers = []
-    for row in probs.tolist():
-        order = sorted(range(len(row)), key=lambda i: -row[i])
-        scores = [{"label": id2label.get(str(i), f"LABEL_{i}"), "score": row[i]} for i in order]
-        answers.append({"label": scores[0]["label"], "score": scores[0]["score"], "scores": scores})
-    return answers
 
 
 def check_masks(tokenizer: Any):
@@ -85,7 +73,7 @@ def fill_masks(tokenizer: Any):
         text = tokenizer.decode([i], skip_special_tokens=False).strip()
         return text or tokenizer.id_to_token(i) or str(i)
 
-    def answer(payload: Texts, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> list[dict]:
+    def finish(payload: Texts, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> list[dict]:
         top_k = payload.options.get("top_k", 5)
         ids, logits = inputs["input_ids"], outputs["logits"]
         answers = []
@@ -106,14 +94,5 @@ def fill_masks(tokenizer: Any):
                 )
             answers.append({"masks": masks})
         return answers
-
-    def finish(call: Call) -> list[Any]:
-        results: list[Any] = []
-        for i, payload in enumerate(call.payloads):
-            try:
-                results.append(answer(payload, *call.request(i)))
-            except ValueError as err:  # NaN scores: this request's answer cannot be JSON (a 500)
-                results.append(err)
-        return results
 
     return finish

@@ -134,31 +134,6 @@ def test_a_failing_call_is_retried_row_by_row_so_only_the_bad_request_fails():
     assert calls == [[1, None, 3], [1], [None], [3], [9]]
 
 
-class Refusing(Recorder):
-    """A Recorder that answers a negative value with an exception of its own: that request alone fails."""
-
-    def run(self, items):
-        self.calls.append([item.data for item in items])
-        return [InputError(f"input: {item.data} is negative") if item.data < 0 else item.data * 2 for item in items]
-
-
-def test_an_error_result_fails_its_request_alone_without_rerunning_the_batch():
-    async def main():
-        handler = Refusing()
-        batcher = DynamicBatcher({"embed": handler}, [(8, 16)], max_delay_ms=100)
-        await batcher.start()
-        values = [random.randrange(1000), -random.randrange(1, 1000), random.randrange(1000)]
-        results = await asyncio.gather(*(batcher.submit("embed", (1, 4, v)) for v in values), return_exceptions=True)
-        await batcher.drain()
-        return values, results, handler.calls
-
-    values, results, calls = run(main())
-    assert results[0] == 2 * values[0] and results[2] == 2 * values[2]
-    assert isinstance(results[1], InputError) and status_of(results[1]) == 400
-    assert str(results[1]) == f"input: {values[1]} is negative"
-    assert calls == [values]  # one call: the others were answered from it
-
-
 def test_a_request_whose_client_left_is_skipped():
     async def main():
         batcher, handler = await started([(8, 16)], max_delay_ms=200)
@@ -217,12 +192,15 @@ def test_a_kind_has_one_scheduler():
         Dispatcher([first, second])
 
 
-class Slow(Recorder):
-    """A Recorder whose calls take a while."""
+class Cheap(Recorder):
+    """A Recorder whose requests are prepared on the event loop (as short texts are), and whose calls take a while."""
 
     def __init__(self, seconds: float = 0.0) -> None:
         super().__init__()
         self.seconds = seconds
+
+    def cheap(self, payload) -> bool:
+        return True
 
     def run(self, items):
         import time
@@ -261,13 +239,16 @@ def test_without_idle_dispatch_a_lone_request_waits_its_window():
     assert answer == 6 and elapsed >= 0.29
 
 
-def test_requests_arriving_together_still_share_one_call_with_idle_dispatch():
+@pytest.mark.parametrize("handler", [Recorder, Cheap], ids=["prepared-in-a-thread", "prepared-on-the-loop"])
+def test_requests_arriving_together_still_share_one_call_with_idle_dispatch(handler):
     async def main():
-        batcher, handler = await started([(8, 16)], max_delay_ms=200)
+        recorder = handler()
+        batcher = DynamicBatcher({"embed": recorder}, [(8, 16)], max_delay_ms=200)
+        await batcher.start()
         values = random.sample(range(1000), 6)
         answers = await asyncio.gather(*(batcher.submit("embed", (1, 4, v)) for v in values))
         await batcher.drain()
-        return values, answers, handler.calls
+        return values, answers, recorder.calls
 
     values, answers, calls = run(main())
     assert answers == [2 * v for v in values] and calls == [values]  # the first did not run alone
@@ -275,7 +256,7 @@ def test_requests_arriving_together_still_share_one_call_with_idle_dispatch():
 
 def test_requests_that_arrive_during_a_call_are_merged_into_the_next():
     async def main():
-        handler = Slow(seconds=0.3)
+        handler = Cheap(seconds=0.3)
         batcher = DynamicBatcher({"embed": handler}, [(8, 16)], max_delay_ms=1)
         await batcher.start()
         first = asyncio.create_task(batcher.submit("embed", (1, 4, 1)))
