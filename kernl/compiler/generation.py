@@ -52,8 +52,27 @@ class CacheLayout:
 def _attentions(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     nodes = [n for n in graph.nodes if is_call(n, kernl_ops.attention.default)]
     if not nodes:
-        raise KernlError("generation: no attention of the model was rewritten onto kernl's kernel; cannot cache it")
+        raise KernlError(
+            "generation: no attention of the model was rewritten onto kernl's kernel; cannot cache it" + _left(graph)
+        )
     return nodes
+
+
+def _left(graph: torch.fx.Graph) -> str:
+    """What the error can say about attentions left on torch: their shapes, against what the kernel takes."""
+    from kernl.kernels.attention import MAX_HEAD_DIM
+
+    left = [n for n in graph.nodes if is_call(n, aten.scaled_dot_product_attention.default)]
+    if not left:
+        return " (the exported graph has no scaled_dot_product_attention either)"
+    shapes = ", ".join(
+        f"{name} {list(t.shape) if t is not None else '?'}"
+        for name, t in zip("qkv", (fake(a) for a in left[0].args[:3]), strict=True)
+    )
+    return (
+        f" ({len(left)} scaled_dot_product_attention call(s) stay on torch; the first has {shapes}; kernl's kernel "
+        f"takes 4-D q/k/v of one float dtype, head_dim up to {MAX_HEAD_DIM}, no dropout)"
+    )
 
 
 def cache_layout(gm: torch.fx.GraphModule) -> CacheLayout:

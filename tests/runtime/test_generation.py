@@ -19,7 +19,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import kernl
-from kernl.errors import InputError
+from kernl.errors import InputError, KernlError
 
 MAX_NEW = 8
 PROMPTS = [[3, 4, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]
@@ -266,3 +266,11 @@ def test_gpu_a_fresh_load_generates_without_compiling(tmp_path):
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     assert stats["kernels"]["compiled"] == 0, "Triton compiled a kernel at load or while generating"
     assert stats["tuning"]["benchmarks_run"] == 0 and stats["tuning"]["defaults_used"] == 0
+
+
+def test_a_model_whose_attention_the_kernel_cannot_take_is_refused_with_its_shapes(tmp_path):
+    model = tiny_lm("llama", num_attention_heads=2, num_key_value_heads=1, head_dim=512)  # above the kernel's 256
+    with pytest.raises(KernlError, match=r"stay on torch; the first has q \[1, 2, \S+, 512\].*head_dim up to 256"):
+        kernl.compile(model, tmp_path / "b", buckets=[], device="cpu",
+                      generation={"max_length": 16, "batch_sizes": [1], "seq_lens": [4]})  # fmt: skip
+    assert not (tmp_path / "b").exists()
