@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # torch is imported where it is used: the load generator's processes (spawned) import this module and need httpx only.
@@ -287,15 +288,9 @@ def main() -> None:
         port = free_port()
         cli = [sys.executable, "-c", "from kernl.cli import main; main()", "serve", str(bundle), "--port", str(port),
                "--max-batch-delay-ms", "2", "--log-level", "warning", "--device", args.device]  # fmt: skip
-        proc = start(cli, env, port, work / f"{geometry}-kernl.log")
         answer = work / f"{geometry}-answer.json"
-        try:
-            answer.write_bytes(_answer(port, pool[0]))
-            res["kernl_1"] = load(port, 1, args.seconds / 2, pool)
-            res[f"kernl_{args.clients}"] = load(port, args.clients, args.seconds, pool, args.procs)
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        under_load(res, "kernl", cli, env, port, work / f"{geometry}-kernl.log", args, pool,
+                   first=lambda port, answer=answer: answer.write_bytes(_answer(port, pool[0])))  # fmt: skip
         res["answer_bytes"] = answer.stat().st_size
         if not args.kernl_only:
             baselines(res, args, env, work, pool, geometry, answer)
@@ -317,13 +312,7 @@ def baselines(res: dict, args: argparse.Namespace, env: dict, work: Path, pool: 
     """The HTTP floor and the HF eager app under the same load, into res."""
     port = free_port()
     floor = [sys.executable, "-c", FLOOR_APP, str(answer), str(port)]
-    proc = start(floor, env, port, work / f"{geometry}-floor.log")
-    try:
-        res["floor_1"] = load(port, 1, args.seconds / 2, pool)
-        res[f"floor_{args.clients}"] = load(port, args.clients, args.seconds, pool, args.procs)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    under_load(res, "floor", floor, env, port, work / f"{geometry}-floor.log", args, pool)
     app = work / "hf_app.py"
     app.write_text(HF_APP)
     port = free_port()
@@ -335,10 +324,18 @@ def baselines(res: dict, args: argparse.Namespace, env: dict, work: Path, pool: 
     }
     uv = [sys.executable, "-m", "uvicorn", "hf_app:app", "--app-dir", str(work), "--port", str(port),
           "--log-level", "warning"]  # fmt: skip
-    proc = start(uv, hf_env, port, work / f"{geometry}-hf.log")
+    under_load(res, "hf_eager", uv, hf_env, port, work / f"{geometry}-hf.log", args, pool)
+
+
+def under_load(res: dict, name: str, cmd: list[str], env: dict, port: int, log: Path, args: argparse.Namespace,
+               pool: list[str], first: Callable[[int], object] | None = None) -> None:  # fmt: skip
+    """Start a server, run first(port) if given, then one client and --clients clients into res[name_N]; stop it."""
+    proc = start(cmd, env, port, log)
     try:
-        res["hf_eager_1"] = load(port, 1, args.seconds / 2, pool)
-        res[f"hf_eager_{args.clients}"] = load(port, args.clients, args.seconds, pool, args.procs)
+        if first is not None:
+            first(port)
+        res[f"{name}_1"] = load(port, 1, args.seconds / 2, pool)
+        res[f"{name}_{args.clients}"] = load(port, args.clients, args.seconds, pool, args.procs)
     finally:
         proc.terminate()
         proc.wait(30)
