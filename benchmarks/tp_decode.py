@@ -8,7 +8,7 @@ every rank holds the same norms and logits agree). Nothing is written to disk; k
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/tp_decode.py --out results/tp_decode_8b_tp2.json
     python benchmarks/tp_decode.py --out tp1.json                                   (one GPU, the baseline)
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 4 benchmarks/tp_decode.py --geometry 70b --layers 20 --out ...
-    python benchmarks/tp_decode.py --heads 8 --kv-heads 2 --intermediate 3584 --vocab 32064 --out r.json
+    python benchmarks/tp_decode.py --heads 8 --kv-heads 2 --head-dim 128 --intermediate 3584 --vocab 32064 --out r.json
         (one GPU running one tp=4 rank's shapes of the 8B geometry, without its all-reduces)
     torchrun --nproc-per-node 2 benchmarks/tp_decode.py --device cpu --layers 2 --hidden 128 --intermediate 256 \
         --vocab 512 --heads 4 --kv-heads 2 --prompt 16 --new-tokens 8 --out /tmp/tp.json   (logic check, gloo)

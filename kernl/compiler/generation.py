@@ -24,6 +24,7 @@ import torch.fx
 
 from kernl.compiler.passes._fx import VIEW_OPS, fake, is_call
 from kernl.errors import KernlError
+from kernl.kernels.attention import MAX_HEAD_DIM
 
 aten = torch.ops.aten
 kernl_ops = torch.ops.kernl
@@ -60,8 +61,6 @@ def _attentions(graph: torch.fx.Graph) -> list[torch.fx.Node]:
 
 def _left(graph: torch.fx.Graph) -> str:
     """What the error can say about attentions left on torch: their shapes, against what the kernel takes."""
-    from kernl.kernels.attention import MAX_HEAD_DIM
-
     left = [n for n in graph.nodes if is_call(n, aten.scaled_dot_product_attention.default)]
     if not left:
         return " (the exported graph has no scaled_dot_product_attention either)"

@@ -111,12 +111,16 @@ def stream_timer(streamed: Streamed) -> Callable[[Config], float]:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             chain()
-        try:
-            return _time_ms(graph.replay) / calls
-        finally:
-            del graph
+        return _time_ms(graph.replay) / calls
 
     return time_ms
+
+
+def pinned(kernel_name: str, key: Sequence[Hashable], config: Config) -> Tuner:
+    """A frozen tuner holding one decision: under use() it runs kernel_name at key with config (one candidate)."""
+    tuner = Tuner(frozen=True)
+    tuner.decisions[(kernel_name, _normalise_key(key))] = dict(config)
+    return tuner
 
 
 def _capturing() -> bool:
@@ -198,7 +202,7 @@ class Tuner:
                 try:
                     timer = stream_timer(streamed)
                 except torch.OutOfMemoryError:  # no room for the copies: time each candidate alone
-                    timer = None
+                    pass
             for config in candidates:
                 self._count("benchmarks_run")
                 try:

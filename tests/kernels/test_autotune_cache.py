@@ -147,6 +147,16 @@ def test_kernels_record_their_decisions_and_respect_frozen_mode():
     assert (autotune_cache.stats()["benchmarks_run"] > 0) == (DEVICE == "cuda")
 
 
+def test_a_pinned_tuner_runs_its_one_config_untimed_and_defaults_elsewhere(fake_timer):
+    times, timed = fake_timer
+    times.update({16: 1.0, 64: 2.0, 128: 3.0})
+    tuner = autotune_cache.pinned("linear", [torch.float16, 16], C)  # a JSON-style key: normalised like load()
+    with autotune_cache.use(tuner):
+        assert autotune_cache.tune("linear", ("float16", 16), [A, B, C], timed.append) == C
+        assert autotune_cache.tune("linear", ("float16", 32), [A, B, C], timed.append) == A  # not pinned: default
+    assert timed == [] and tuner.stats()["defaults_used"] == 1
+
+
 def test_a_streamed_kernel_is_timed_in_a_chain_and_alone_when_its_copies_do_not_fit(fake_timer, monkeypatch):
     times, timed = fake_timer
     times.update({16: 1.0, 64: 2.0, 128: 3.0})  # alone, A wins
@@ -212,9 +222,7 @@ def test_the_decode_pick_is_near_the_fastest_candidate_inside_a_chain(kind, n, k
     (entry,) = [e for e in autotune_cache.export()["entries"] if e["kernel"] == name]
 
     def forced(config, operands):
-        tuner = autotune_cache.Tuner(frozen=True)
-        tuner.load({"version": 1, "entries": [{**entry, "config": config}]})
-        with autotune_cache.use(tuner):
+        with autotune_cache.use(autotune_cache.pinned(name, entry["key"], config)):
             op(x, *operands)
 
     time_ms = autotune_cache.stream_timer(autotune_cache.Streamed(weights, forced))
