@@ -162,29 +162,42 @@ def profile_decode(gen, vocab: int, prompt: int, rank: int, path: Path, steps: i
         path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
 
 
-def all_reduce_us(hidden: int, dtype: torch.dtype, device: torch.device, world: int, calls: int = 100) -> float:
+def all_reduce_us(hidden: int, dtype: torch.dtype, device: torch.device, world: int) -> float:
     """Microseconds of one all-reduce of [1, hidden] as the decode step makes it: kernl's all_reduce (NCCL, or
-    or the one-shot over NVLink: KERNL_ALL_REDUCE, kernels/peer_all_reduce.py), 100 back to back in a CUDA graph."""
+    the one-shot over NVLink: KERNL_ALL_REDUCE, kernels/peer_all_reduce.py), 100 back to back in a CUDA graph."""
     from kernl.kernels.collectives import all_reduce
 
-    if world == 1:
-        return 0.0
     x = torch.zeros(1, hidden, dtype=dtype, device=device)
+    return 0.0 if world == 1 else chain_us(lambda x: all_reduce(x), x, device)
+
+
+def sum_norm_us(hidden: int, dtype: torch.dtype, device: torch.device, world: int) -> float:
+    """Microseconds of one all-reduce + residual add + RMS norm of [1, hidden] (kernels/peer_norm.py: one kernel,
+    or the sum then the norm), 100 back to back in a CUDA graph, each call's sum the next one's residual."""
+    from kernl.kernels.peer_norm import all_reduce_add_rms_norm
+
+    x = torch.zeros(1, hidden, dtype=dtype, device=device)
+    weight = torch.ones(hidden, dtype=dtype, device=device)
+    return 0.0 if world == 1 else chain_us(lambda r: all_reduce_add_rms_norm(x.clone(), r, weight, 1e-6)[1], x, device)
+
+
+def chain_us(step, x: torch.Tensor, device: torch.device, calls: int = 100) -> float:
+    """Microseconds of x = step(x), calls times back to back (in a CUDA graph on GPUs)."""
     if device.type != "cuda":
-        all_reduce(x)
+        step(x)
         start = time.perf_counter()
         for _ in range(calls):
-            all_reduce(x)
+            x = step(x)
         return (time.perf_counter() - start) / calls * 1e6
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        all_reduce(x)  # the communicator (or the peer buffer) is set up outside the capture
+        step(x)  # the communicator (or the peer memory) is set up outside the capture
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=side):
         for _ in range(calls):
-            x = all_reduce(x)
+            x = step(x)
     graph.replay()
     torch.cuda.synchronize(device)
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -218,7 +231,7 @@ def main() -> None:
     rank, world, device = start_ranks(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     g = geometry(args)
-    from kernl.kernels import peer_all_reduce
+    from kernl.kernels import peer_all_reduce, peer_norm
     from kernl.kernels.session import compile_session
     from kernl.runtime.generation import Generator, Settings
 
@@ -237,6 +250,7 @@ def main() -> None:
         if args.profile is not None and device.type == "cuda":
             profile_decode(gen, g["vocab"], args.prompt, rank, args.profile)
     ar_us = all_reduce_us(g["hidden"], dtype, device, world)
+    sn_us = sum_norm_us(g["hidden"], dtype, device, world)
     bandwidth = copy_bandwidth(device)
     floor_ms = weight_bytes / bandwidth * 1e3
     vocab = low.shard.describe().get("vocab_parallel", {}) if low.shard is not None else {}
@@ -254,6 +268,9 @@ def main() -> None:
         "all_reduce_us": ar_us,
         "all_reduce_path": peer_all_reduce.status() or "nccl",
         "all_reduces_per_step": low.report.get("tp_all_reduce", 0),
+        "sum_norm_us": sn_us,
+        "sums_in_norms_per_step": low.report.get("tp_all_reduce_in_norm", 0),
+        "sum_norm_fused": any(peer_norm._workspaces.values()),
         "all_gathers_per_step": low.report.get("tp_vocab_lm_head", 0),
         "vocab_parallel": {"embedding": bool(vocab.get("embedding")), "lm_head": bool(vocab.get("lm_head"))},
         "weight_bytes_per_rank": weight_bytes,

@@ -26,6 +26,11 @@ from kernl.kernels.peer_all_reduce import one_shot_all_reduce
 _thread = threading.local()  # .ranks, .rank: set by ThreadRanks.run in the threads it starts
 
 
+def thread_ranks() -> ThreadRanks | None:
+    """The ranks-as-threads this thread runs in (a compile's check), or None in a rank's own process."""
+    return getattr(_thread, "ranks", None)
+
+
 def world_size() -> int:
     """Ranks in the default process group; 1 when there is none."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

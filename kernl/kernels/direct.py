@@ -15,6 +15,7 @@ from kernl.kernels.gated_linear import gated_linear_call as gated_linear
 from kernl.kernels.layer_norm import add_layer_norm_call as add_layer_norm
 from kernl.kernels.layer_norm import layer_norm_call as layer_norm
 from kernl.kernels.linear import linear_call as linear
+from kernl.kernels.peer_norm import all_reduce_add_rms_norm_call as all_reduce_add_rms_norm
 from kernl.kernels.rms_norm import add_rms_norm_call as add_rms_norm
 from kernl.kernels.rms_norm import rms_norm_call as rms_norm
 from kernl.kernels.rotary import rotary_call as rotary
@@ -24,6 +25,7 @@ __all__ = [
     "add_rms_norm",
     "all_gather",
     "all_reduce",
+    "all_reduce_add_rms_norm",
     "attention",
     "cache_append",
     "cache_fill",

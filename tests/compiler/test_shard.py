@@ -59,7 +59,11 @@ def test_ranks_sum_to_the_whole_program(families, name, references):
     # Every layer: attention split by heads, its out projection and the MLP's down projection summed once.
     assert plan.report["tp_attention"] == layers
     assert plan.report["tp_all_reduce"] == plan.report["tp_row_parallel"] == 2 * layers
-    for total in _calls(gm, kernl_ops.all_reduce.default):
+    # An RMS-norm decoder's sums each feed the next residual add + norm, and become one op with it.
+    assert plan.report["tp_all_reduce_in_norm"] == (2 * layers if name == "llama" else 0)
+    sums = _calls(gm, kernl_ops.all_reduce.default) + _calls(gm, kernl_ops.all_reduce_add_rms_norm.default)
+    assert len(sums) == 2 * layers
+    for total in sums:
         row = total.args[0]
         assert row.target is kernl_ops.linear.default and list(row.users) == [total]
         assert row.args[3] is None and row.args[4] is None  # activation and residual need the whole sum

@@ -46,9 +46,39 @@ def test_all_reduce_sums_on_every_rank_direct_and_in_graphs(world, tmp_path, mon
             assert all(torch.equal(got, o[f"{name}/{kind}"]) for o in outs[1:]), f"{name} {kind}: ranks differ"
 
 
+def _summed_and_normed(parts: list[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor) -> tuple:
+    total = sum(p.float() for p in parts).to(residual.dtype).float() + residual.float()
+    y = total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.float()
+    return y, total
+
+
 @pytest.mark.parametrize("world", WORLDS)
+def test_the_fused_sum_and_norm_is_the_same_on_every_rank_direct_and_in_graphs(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("KERNL_ALL_REDUCE", "one_shot")
+    outs = launch_ranks(["--peer-norm", str(tmp_path)], tmp_path, world)
+    assert all(o["fused"] for o in outs), "the kernel over peer memory did not set up on these GPUs"
+    residual, weight = outs[0]["residual"], outs[0]["weight"]
+    y, total = _summed_and_normed([o["direct/input"] for o in outs], residual, weight)
+    torch.testing.assert_close(outs[0]["direct/total"].float(), total, atol=0, rtol=8e-3)  # one bf16 rounding
+    torch.testing.assert_close(outs[0]["direct/y"].float(), y, atol=2e-2, rtol=2e-2)
+    for replay in range(3):  # both halves of every slot, and the flags, reused across replays
+        residual_in = residual
+        for i in range(3):
+            key = f"graph{replay}/{i}"
+            y, total = _summed_and_normed([o[f"{key}/input"] for o in outs], residual_in, weight)
+            torch.testing.assert_close(outs[0][f"{key}/total"].float(), total, atol=0, rtol=8e-3, msg=key)
+            torch.testing.assert_close(outs[0][f"{key}/y"].float(), y, atol=2e-2, rtol=2e-2, msg=key)
+            residual_in = outs[0][f"{key}/total"]
+    for key, value in outs[0].items():
+        if key.endswith(("/y", "/total")):
+            assert all(torch.equal(value, o[key]) for o in outs[1:]), f"{key}: ranks differ"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("path", ["auto", "one_shot"])
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_generation_on_ranks_equals_one_gpu(name, world, tmp_path, monkeypatch):
+def test_generation_on_ranks_equals_one_gpu(name, path, world, tmp_path, monkeypatch):
+    monkeypatch.setenv("KERNL_ALL_REDUCE", path)
     # gpt2 with its tied embedding / LM head split by vocabulary (threshold lowered for a tiny model).
     model = tiny_lm(name, **({"n_head": 4, "vocab_size": 98} if name == "gpt2" else {"num_key_value_heads": 4}))
     model = model.cuda()

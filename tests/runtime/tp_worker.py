@@ -6,6 +6,7 @@ on the case's inputs and saves its outputs. Used by tests/runtime/test_tensor_pa
     python -m tests.runtime.tp_worker --bundle BUNDLE INPUTS_FILE OUT_DIR   (kernl.load, as an application would)
     python -m tests.runtime.tp_worker --generate BUNDLE PROMPTS_FILE OUT_DIR (greedy, seeded and unseeded sampling)
     python -m tests.runtime.tp_worker --all-reduce OUT_DIR                   (GPUs: kernl's all_reduce alone)
+    python -m tests.runtime.tp_worker --peer-norm OUT_DIR                    (GPUs: the sum + residual + norm op)
 """
 
 from __future__ import annotations
@@ -130,6 +131,51 @@ def run_all_reduce(out_dir: str) -> None:
     _leave_after_nccl()
 
 
+def run_peer_norm(out_dir: str) -> None:
+    """all_reduce_add_rms_norm on this rank's GPU: called directly, then a CUDA graph of CALLS chained calls (each
+    call's total is the next one's residual) replayed REPLAYS times on new partials; saved with this rank's inputs
+    and which path ran."""
+    from kernl.kernels import peer_norm
+
+    calls, replays, shape, dtype = 3, 3, (2, 4096), torch.bfloat16
+    rank = int(os.environ["RANK"])
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=60))
+    gen = torch.Generator().manual_seed(200 + rank)
+    shared = torch.Generator().manual_seed(7)  # residual and weight: the same on every rank
+    residual = torch.randn(shape, generator=shared).to(dtype)
+    weight = torch.randn(shape[-1], generator=shared).to(dtype)
+    results = {"residual": residual, "weight": weight}
+    x = torch.randn(shape, generator=gen).to(dtype)
+    results["direct/input"] = x
+    results["direct/y"], results["direct/total"] = (
+        t.cpu() for t in peer_norm.all_reduce_add_rms_norm(x.to(device), residual.to(device), weight.to(device), 1e-6)
+    )
+    results["fused"] = bool(peer_norm._workspaces.get(device.index))
+
+    statics = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(calls)]
+    res, w = residual.to(device), weight.to(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        outs, total = [], res
+        for static in statics:
+            y, total = peer_norm.all_reduce_add_rms_norm(static.clone(), total, w, 1e-6)
+            outs.append((y, total))
+    for replay in range(replays):
+        for i, static in enumerate(statics):
+            static.copy_(torch.randn(shape, generator=gen).to(dtype))
+            results[f"graph{replay}/{i}/input"] = static.cpu()
+        graph.replay()
+        for i, (y, total) in enumerate(outs):
+            results[f"graph{replay}/{i}/y"], results[f"graph{replay}/{i}/total"] = y.cpu(), total.cpu()
+    torch.save(results, os.path.join(out_dir, f"out.rank{rank}.pt"))
+    _leave_after_nccl()
+
+
 def _leave_after_nccl() -> None:
     """NCCL's teardown after CUDA graphs that hold its collectives can wait forever: a rank whose results are saved
     leaves at once (gloo ranks tear down as usual)."""
@@ -153,5 +199,7 @@ if __name__ == "__main__":
         run_generate(*sys.argv[2:5])
     elif sys.argv[1] == "--all-reduce":
         run_all_reduce(sys.argv[2])
+    elif sys.argv[1] == "--peer-norm":
+        run_peer_norm(sys.argv[2])
     else:
         run_cases(sys.argv[1], sys.argv[2])

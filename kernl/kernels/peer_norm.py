@@ -1,0 +1,200 @@
+"""The sum over ranks of a row-parallel output, the residual add and the RMS norm after it, as one op.
+
+In a tensor-parallel decoder every row-parallel linear (attention out, MLP down) is followed by an all-reduce
+and the next norm, which adds the residual. On GPUs whose ranks share a host, one kernel (_peer_norm_kernel)
+does all three over NVLink: one launch and one barrier where the unfused path has a collective and a norm.
+Everywhere else (NCCL asked for, prefill rows, CPU and gloo, the ranks-as-threads of a compile) the op is the
+all-reduce of kernels/collectives.py followed by rms_norm, with the same results up to rounding.
+
+KERNL_ALL_REDUCE decides as for the plain sum (kernels/peer_all_reduce.py): the fused kernel runs where the
+one-shot sum is wanted at this world size. KERNL_PEER_NORM=0 keeps the sum and the norm apart (an A/B switch).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from kernl.kernels import collectives
+from kernl.kernels._backend import HAS_TRITON, runs_triton
+from kernl.kernels._custom_ops import custom_op
+from kernl.kernels.peer_all_reduce import wanted
+from kernl.kernels.rms_norm import rms_norm
+
+if HAS_TRITON:
+    import triton
+
+    from kernl.kernels import _peer_norm_kernel as _k
+    from kernl.kernels._pdl import pdl_options
+
+
+# Read at import, changeable for tests and benchmarks; every rank must see the same value.
+ENABLED = os.environ.get("KERNL_PEER_NORM", "1") != "0"
+
+
+class Workspace:
+    """What the kernel needs on one device: every rank's workspace address and this rank's slot counters."""
+
+    def __init__(self, bases: torch.Tensor, rank: int, keep: object = None) -> None:
+        self.bases = bases  # int64 [world], on the device
+        self.rank = rank
+        self.world = bases.numel()
+        self.counters = torch.zeros(_k.SLOTS, dtype=torch.int32, device=bases.device)
+        self._keep = keep  # the memory behind the addresses
+
+    @classmethod
+    def local(cls, device: torch.device) -> Workspace:
+        """A workspace of one rank in ordinary memory: the kernel's sum is then its own partial."""
+        memory = torch.zeros(_k.WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        return cls(torch.tensor([memory.data_ptr()], dtype=torch.int64, device=device), 0, keep=memory)
+
+
+_workspaces: dict[int, Workspace | None] = {}  # device index → this rank's workspace; None: the unfused path
+_local: dict[str, Workspace] = {}  # device → a one-rank workspace for compiles and tests
+
+
+def fusable(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel takes these (from shapes and dtypes only, the same on every rank)."""
+    if not (HAS_TRITON and runs_triton(x)) or x.dim() < 1 or x.shape != residual.shape:
+        return False
+    n = x.shape[-1]
+    rows = x.numel() // max(n, 1)
+    return (
+        0 < rows <= _k.SLOTS
+        and 0 < n * x.element_size() <= _k.ROW_CAP_BYTES
+        and x.dtype == residual.dtype
+        and weight.shape == (n,)
+    )
+
+
+def launch(
+    ws: Workspace,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    weight_offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel over ws: (rms_norm(sum over ranks of x + residual), that sum + residual)."""
+    n = x.shape[-1]
+    x2, r2 = x.reshape(-1, n), residual.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if r2.stride(-1) != 1:
+        r2 = r2.contiguous()
+    y, s = torch.empty_like(x), torch.empty_like(x)
+    y2, s2 = y.view(-1, n), s.view(-1, n)
+    block_n = triton.next_power_of_2(n)
+    _k.peer_add_rms_norm_kernel[(x2.shape[0],)](
+        x2,
+        r2,
+        weight,
+        y2,
+        s2,
+        x2.stride(0),
+        r2.stride(0),
+        y2.stride(0),
+        s2.stride(0),
+        ws.bases,
+        ws.counters,
+        ws.rank,
+        ws.world,
+        n,
+        eps,
+        weight_offset,
+        ON_GPU=x.is_cuda,
+        BLOCK_N=block_n,
+        num_warps=min(max(block_n // 512, 1), 16),
+        **pdl_options(x2),
+    )
+    return y, s
+
+
+def all_reduce_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(total), total) where total = the sum of x over ranks + residual. x: [..., hidden], a fresh
+    row-parallel output nothing else reads (the unfused path sums it in place); residual: like x."""
+    ws = _workspace(x) if fusable(x, residual, weight) else None
+    if ws is None:
+        y, total = rms_norm(collectives.all_reduce(x), weight, eps, residual=residual, weight_offset=weight_offset)
+        return y, total
+    return launch(ws, x, residual, weight, eps, weight_offset)
+
+
+def _workspace(x: torch.Tensor) -> Workspace | None:
+    ranks = collectives.thread_ranks()
+    if ranks is not None:
+        # Ranks as threads sum through collectives; a lone rank 0 (the compile's warm-up) runs the kernel over
+        # a one-rank workspace, so the bundle ships it compiled as every rank will launch it.
+        return _local_workspace(x.device) if ranks.world_size == 1 and x.is_cuda else None
+    world = collectives.world_size()
+    if world == 1 or not x.is_cuda or not ENABLED or not wanted(world):
+        return None
+    key = x.device.index
+    if key not in _workspaces:
+        if torch.cuda.is_current_stream_capturing():
+            return None  # the setup is collective and allocates: never inside a capture
+        _workspaces[key] = _set_up(x.device)
+    return _workspaces[key]
+
+
+def _local_workspace(device: torch.device) -> Workspace:
+    if str(device) not in _local:
+        _local[str(device)] = Workspace.local(device)
+    return _local[str(device)]
+
+
+def _set_up(device: torch.device) -> Workspace | None:
+    """This rank's workspace in symmetric memory, exchanged with every rank (a collective) and checked on a
+    probe; None on every rank when any rank could not make it, or its probe came out wrong."""
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # no multicast object: we use none
+    ws = None
+    try:
+        from torch.distributed import _symmetric_memory as symm_mem
+
+        memory = symm_mem.empty(_k.WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        memory.zero_()
+        handle = symm_mem.rendezvous(memory, dist.group.WORLD)
+        torch.cuda.synchronize(device)
+        dist.barrier()  # every rank's flags are zero before any rank raises one
+        bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
+        ws = Workspace(bases, handle.rank, keep=(memory, handle))
+        _check_probe(ws, device)
+    except Exception:  # noqa: BLE001 - an optional fast path: the unfused one remains
+        ws = None
+    ok = torch.tensor([0 if ws is None else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # all ranks take the path together
+    return ws if int(ok.item()) == 1 else None
+
+
+def _check_probe(ws: Workspace, device: torch.device) -> None:
+    """Two rows of rank + 1, twice (both halves of the slots): the sums must be 1 + 2 + ... + world."""
+    want = ws.world * (ws.world + 1) // 2
+    for _ in range(2):
+        x = torch.full((2, 64), ws.rank + 1, dtype=torch.float32, device=device)
+        _, total = launch(ws, x, torch.zeros_like(x), torch.ones(64, device=device), 1e-6)
+        if not bool((total == want).all()):
+            raise RuntimeError(f"a probe summed to {total[0, 0].item()}, expected {want}")
+
+
+def all_reduce_add_rms_norm_call(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return all_reduce_add_rms_norm(x, residual, weight, eps, weight_offset)
+
+
+def _functional(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return all_reduce_add_rms_norm(x.clone(), residual, weight, eps, weight_offset)  # the op must not write x
+
+
+all_reduce_add_rms_norm_op = custom_op("kernl::all_reduce_add_rms_norm", _functional, mutates_args=())
+
+
+@all_reduce_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps, weight_offset=0.0):
+    return torch.empty_like(x), torch.empty_like(x)

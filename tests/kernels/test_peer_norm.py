@@ -1,0 +1,104 @@
+"""The fused sum over ranks + residual add + RMS norm: its kernel's arithmetic and its flag protocol (under Triton's
+interpreter, a peer's side written by hand), and the unfused path it takes everywhere else."""
+
+import pytest
+import torch
+
+from kernl.kernels import _peer_norm_kernel as k
+from kernl.kernels import peer_norm
+from kernl.kernels.collectives import ThreadRanks
+from kernl.kernels.rms_norm import rms_norm_reference
+
+EPS = 1e-6
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _reference(partials, residual, weight, weight_offset=0.0):
+    """What the kernel computes: the partials summed in rank order in fp32 and rounded as an all-reduce's
+    output, the residual added in fp32; y from that fp32 sum."""
+    summed = sum(p.float() for p in partials).to(residual.dtype).float() + residual.float()
+    y = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + EPS) * (weight.float() + weight_offset)
+    return y.to(residual.dtype), summed.to(residual.dtype)
+
+
+def _flags(memory: torch.Tensor) -> torch.Tensor:
+    return memory[: k.FLAGS_BYTES].view(torch.int32)[: k.SLOTS * k.MAX_WORLD].view(k.SLOTS, k.MAX_WORLD)
+
+
+def _slot(memory: torch.Tensor, half: int, row: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    start = k.FLAGS_BYTES + (half * k.SLOTS + row) * k.ROW_CAP_BYTES
+    return memory[start : start + n * torch.empty((), dtype=dtype).element_size()].view(dtype)
+
+
+@pytest.mark.parametrize(("dtype", "rows", "n"), [(torch.bfloat16, 1, 256), (torch.float32, 3, 200)])
+def test_one_rank_is_its_own_partial_plus_residual_normed_across_both_halves(dtype, rows, n):
+    ws = peer_norm.Workspace.local(torch.device(DEVICE))
+    weight = torch.randn(n, device=DEVICE).to(dtype)
+    for use in range(3):  # halves 0, 1, 0 of every slot
+        x = torch.randn(rows, n, device=DEVICE).to(dtype)
+        residual = torch.randn(rows, n, device=DEVICE).to(dtype)
+        y, total = peer_norm.launch(ws, x, residual, weight, EPS, 1.0)
+        want_y, want_total = _reference([x], residual, weight, 1.0)
+        torch.testing.assert_close(total, want_total, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-5)
+        torch.testing.assert_close(y, want_y, rtol=2e-2 if dtype != torch.float32 else 1e-5, atol=1e-5)
+        assert ws.counters[:rows].tolist() == [use + 1] * rows
+        assert int(ws.counters[rows:].abs().sum()) == 0
+        assert int(_flags(ws._keep).abs().sum()) == 0, "a flag was left raised"
+
+
+def test_two_ranks_sum_the_peer_slot_of_the_half_in_use_and_signal_the_peer():
+    """Rank 0's side of a 2-rank call, with rank 1's partial and signal written as rank 1's kernel would."""
+    n, rows = 128, 2
+    own, peer = (torch.zeros(k.WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE) for _ in range(2))
+    bases = torch.tensor([own.data_ptr(), peer.data_ptr()], dtype=torch.int64, device=DEVICE)
+    ws = peer_norm.Workspace(bases, rank=0, keep=(own, peer))
+    ws.counters[:rows] = 1  # each slot used once: this call is in half 1
+    weight = torch.randn(n, device=DEVICE, dtype=torch.bfloat16)
+    # Quarters from -4 to 4: every sum is exact in bf16, whatever rounding the backend uses (the interpreter
+    # truncates), so the total must match exactly.
+    x0, x1, residual = ((torch.randint(-16, 17, (rows, n), device=DEVICE) / 4).to(torch.bfloat16) for _ in range(3))
+    for row in range(rows):
+        _slot(peer, 1, row, n, torch.bfloat16).copy_(x1[row])
+        _slot(peer, 0, row, n, torch.bfloat16).fill_(1000.0)  # the other half: must not be read
+        _flags(own)[row, 1] = 1  # rank 1 has signalled rank 0
+
+    y, total = peer_norm.launch(ws, x0, residual, weight, EPS)
+
+    want_y, want_total = _reference([x0, x1], residual, weight)
+    assert torch.equal(total, want_total)
+    torch.testing.assert_close(y, want_y, rtol=2e-2, atol=1e-5)
+    assert _flags(peer)[:rows, 0].tolist() == [1] * rows, "rank 1 was not signalled"
+    assert int(_flags(own).abs().sum()) == 0, "rank 0 did not take down the flags it consumed"
+    assert ws.counters[:rows].tolist() == [2] * rows
+    for row in range(rows):
+        assert torch.equal(_slot(own, 1, row, n, torch.bfloat16), x0[row]), "rank 0's partial is not in its slot"
+
+
+def test_without_peers_the_op_is_the_rms_norm_of_the_sum():
+    x, residual = torch.randn(2, 3, 64), torch.randn(2, 3, 64)
+    weight = torch.randn(64)
+    y, total = peer_norm.all_reduce_add_rms_norm(x.clone(), residual, weight, EPS)
+    want_y, want_total = rms_norm_reference(x, weight, EPS, residual=residual)
+    torch.testing.assert_close(total, want_total)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+
+
+def test_ranks_as_threads_sum_through_the_collective(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter is not thread-safe: torch references
+    parts = [torch.randn(1, 64) for _ in range(3)]
+    residual, weight = torch.randn(1, 64), torch.randn(64)
+    outs = ThreadRanks(3).run(lambda r: peer_norm.all_reduce_add_rms_norm(parts[r].clone(), residual, weight, EPS))
+    want_y, want_total = rms_norm_reference(sum(parts), weight, EPS, residual=residual)
+    for y, total in outs:
+        torch.testing.assert_close(total, want_total, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y, want_y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("shape", "fits"),
+    [((1, 4096), True), ((k.SLOTS, 4096), True), ((k.SLOTS + 1, 4096), False), ((1, 32768), False)],
+)
+def test_prefill_rows_and_wide_rows_stay_unfused(shape, fits):
+    x = torch.empty(shape, dtype=torch.bfloat16, device=DEVICE)
+    weight = torch.empty(shape[-1], dtype=torch.bfloat16, device=DEVICE)
+    assert peer_norm.fusable(x, x, weight) is fits
