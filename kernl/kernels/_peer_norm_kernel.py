@@ -1,13 +1,15 @@
 """One Triton kernel for a row-parallel output's sum over ranks, the residual add and the RMS norm after it.
 
 Each rank's workspace is memory every rank of the host can address (PyTorch symmetric memory over NVLink):
-int32 flags [SLOTS, MAX_WORLD], then two halves of row slots [2, SLOTS, ROW_CAP_BYTES]. Program `row` of every
-rank owns slot `row`:
-1. it copies its partial row into its own slot, in the half picked by how often it has used the slot (counters);
+int32 flags [SLOTS, MAX_WORLD], then two halves of row slots [2, SLOTS, MAX_WORLD, ROW_CAP_BYTES], one slot per
+row and sending rank. Program `row` of every rank owns slot `row`:
+1. it writes its partial row into its place in every rank's slot (remote stores are posted: nothing waits for
+   them, where reading the peers' rows would wait a round trip each), in the half picked by how often it has used
+   the slot (counters);
 2. it adds 1 to its flag in every rank's workspace (release) and waits until every rank's flag in its own is
    at least 1, then takes 1 off (acquire): the flags return to 0, so a CUDA graph replays the kernel as it is;
-3. it sums the ranks' slots in rank order in fp32, so every rank holds the same bits, then adds the residual
-   and normalises, as norm_kernel does.
+3. it sums the rows in its own slot in rank order in fp32, so every rank holds the same bits, then adds the
+   residual and normalises, as norm_kernel does.
 Two halves make reuse safe: a rank writes a half again only two uses of the slot later, and between them the
 other half's barrier proves that every peer finished the kernel that read it.
 """
@@ -23,7 +25,7 @@ SLOTS = 32  # rows a call may have: decode up to batch 32
 MAX_WORLD = 8
 FLAGS_BYTES = 4096  # SLOTS * MAX_WORLD int32 flags, rounded up so the rows start aligned
 ROW_CAP_BYTES = 32 * 1024  # a row's slot: hidden 16384 in bf16
-WORKSPACE_BYTES = FLAGS_BYTES + 2 * SLOTS * ROW_CAP_BYTES
+WORKSPACE_BYTES = FLAGS_BYTES + 2 * SLOTS * MAX_WORLD * ROW_CAP_BYTES
 TIMEOUT_NS = 300 * 10**9  # a peer that never arrives traps the kernel (an error, not a hang) after 5 minutes
 
 # The same numbers as the kernel sees them (Triton reads only constexpr globals).
@@ -89,10 +91,11 @@ def peer_add_rms_norm_kernel(
     dtype = X.dtype.element_ty
     x = tl.load(X + row.to(tl.int64) * stride_x + cols, mask=in_row, other=0.0)
     use = tl.load(counters + row)
-    slot_bytes = _FLAGS_BYTES + ((use % 2) * _SLOTS + row).to(tl.int64) * _ROW_CAP_BYTES
+    slot_bytes = _FLAGS_BYTES + ((use % 2) * _SLOTS + row).to(tl.int64) * (_MAX_WORLD * _ROW_CAP_BYTES)
     own = tl.load(bases + rank)
-    mine_slot = tl.multiple_of((own + slot_bytes).to(tl.pointer_type(dtype)), 16)
-    tl.store(mine_slot + cols, x, mask=in_row)
+    for peer in range(world):
+        place = (tl.load(bases + peer) + slot_bytes + rank * _ROW_CAP_BYTES).to(tl.pointer_type(dtype))
+        tl.store(tl.multiple_of(place, 16) + cols, x, mask=in_row)
     _fence_system(row, ON_GPU)
     tl.debug_barrier()
 
@@ -112,8 +115,8 @@ def peer_add_rms_norm_kernel(
 
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     for peer in range(world):
-        slot = tl.multiple_of((tl.load(bases + peer) + slot_bytes).to(tl.pointer_type(dtype)), 16)
-        total += tl.load(slot + cols, mask=in_row, other=0.0, cache_modifier=".cv").to(tl.float32)
+        place = tl.multiple_of((own + slot_bytes + peer * _ROW_CAP_BYTES).to(tl.pointer_type(dtype)), 16)
+        total += tl.load(place + cols, mask=in_row, other=0.0, cache_modifier=".cv").to(tl.float32)
     tl.store(counters + row, use + 1)
 
     # The sum is rounded as an all-reduce's output would be, then the residual is added in fp32.

@@ -25,8 +25,8 @@ def _flags(memory: torch.Tensor) -> torch.Tensor:
     return memory[: k.FLAGS_BYTES].view(torch.int32)[: k.SLOTS * k.MAX_WORLD].view(k.SLOTS, k.MAX_WORLD)
 
 
-def _slot(memory: torch.Tensor, half: int, row: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-    start = k.FLAGS_BYTES + (half * k.SLOTS + row) * k.ROW_CAP_BYTES
+def _slot(memory: torch.Tensor, half: int, row: int, sender: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    start = k.FLAGS_BYTES + ((half * k.SLOTS + row) * k.MAX_WORLD + sender) * k.ROW_CAP_BYTES
     return memory[start : start + n * torch.empty((), dtype=dtype).element_size()].view(dtype)
 
 
@@ -46,7 +46,7 @@ def test_one_rank_is_its_own_partial_plus_residual_normed_across_both_halves(dty
         assert int(_flags(ws._keep).abs().sum()) == 0, "a flag was left raised"
 
 
-def test_two_ranks_sum_the_peer_slot_of_the_half_in_use_and_signal_the_peer():
+def test_two_ranks_sum_the_rows_of_the_half_in_use_and_push_theirs_to_the_peer():
     """Rank 0's side of a 2-rank call, with rank 1's partial and signal written as rank 1's kernel would."""
     n, rows = 128, 2
     own, peer = (torch.zeros(k.WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE) for _ in range(2))
@@ -58,8 +58,8 @@ def test_two_ranks_sum_the_peer_slot_of_the_half_in_use_and_signal_the_peer():
     # truncates), so the total must match exactly.
     x0, x1, residual = ((torch.randint(-16, 17, (rows, n), device=DEVICE) / 4).to(torch.bfloat16) for _ in range(3))
     for row in range(rows):
-        _slot(peer, 1, row, n, torch.bfloat16).copy_(x1[row])
-        _slot(peer, 0, row, n, torch.bfloat16).fill_(1000.0)  # the other half: must not be read
+        _slot(own, 1, row, 1, n, torch.bfloat16).copy_(x1[row])  # pushed by rank 1
+        _slot(own, 0, row, 1, n, torch.bfloat16).fill_(1000.0)  # the other half: must not be read
         _flags(own)[row, 1] = 1  # rank 1 has signalled rank 0
 
     y, total = peer_norm.launch(ws, x0, residual, weight, EPS)
@@ -71,7 +71,8 @@ def test_two_ranks_sum_the_peer_slot_of_the_half_in_use_and_signal_the_peer():
     assert int(_flags(own).abs().sum()) == 0, "rank 0 did not take down the flags it consumed"
     assert ws.counters[:rows].tolist() == [2] * rows
     for row in range(rows):
-        assert torch.equal(_slot(own, 1, row, n, torch.bfloat16), x0[row]), "rank 0's partial is not in its slot"
+        assert torch.equal(_slot(peer, 1, row, 0, n, torch.bfloat16), x0[row]), "rank 0's partial did not reach rank 1"
+        assert torch.equal(_slot(own, 1, row, 0, n, torch.bfloat16), x0[row]), "rank 0's partial is not in its slot"
 
 
 def test_without_peers_the_op_is_the_rms_norm_of_the_sum():
