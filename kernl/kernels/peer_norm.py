@@ -45,23 +45,14 @@ class Workspace:
         self._keep = keep  # the memory behind the addresses
 
     @classmethod
-    def local(cls, device: torch.device, dtype: torch.dtype) -> Workspace:
+    def local(cls, device: torch.device) -> Workspace:
         """A workspace of one rank in ordinary memory: the kernel's sum is then its own partial."""
-        memory = empty_places(torch.empty(_k.WORKSPACE_BYTES, dtype=torch.uint8, device=device), dtype)
+        memory = torch.zeros(_k.WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         return cls(torch.tensor([memory.data_ptr()], dtype=torch.int64, device=device), 0, keep=memory)
 
 
-def empty_places(memory: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """memory (bytes) with every element of dtype marked empty (-0.0), as the kernel expects a workspace."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    view = torch.int16 if itemsize == 2 else torch.int32
-    memory.view(view).fill_(_k.EMPTY_BITS[itemsize])
-    return memory
-
-
-# (device index, dtype) → this rank's workspace; None: the unfused path. A workspace holds one dtype's rows.
-_workspaces: dict[tuple[int, torch.dtype], Workspace | None] = {}
-_local: dict[tuple[str, torch.dtype], Workspace] = {}  # a one-rank workspace for compiles and tests
+_workspaces: dict[int, Workspace | None] = {}  # device index → this rank's workspace; None: the unfused path
+_local: dict[str, Workspace] = {}  # device → a one-rank workspace for compiles and tests
 
 
 def fusable(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -138,26 +129,25 @@ def _workspace(x: torch.Tensor) -> Workspace | None:
     if ranks is not None:
         # Ranks as threads sum through collectives; a lone rank 0 (the compile's warm-up) runs the kernel over
         # a one-rank workspace, so the bundle ships it compiled as every rank will launch it.
-        return _local_workspace(x.device, x.dtype) if ranks.world_size == 1 and x.is_cuda else None
+        return _local_workspace(x.device) if ranks.world_size == 1 and x.is_cuda else None
     world = collectives.world_size()
     if world == 1 or not x.is_cuda or not ENABLED or not wanted(world):
         return None
-    key = (x.device.index, x.dtype)
+    key = x.device.index
     if key not in _workspaces:
         if torch.cuda.is_current_stream_capturing():
             return None  # the setup is collective and allocates: never inside a capture
-        _workspaces[key] = _set_up(x.device, x.dtype)
+        _workspaces[key] = _set_up(x.device)
     return _workspaces[key]
 
 
-def _local_workspace(device: torch.device, dtype: torch.dtype) -> Workspace:
-    key = (str(device), dtype)
-    if key not in _local:
-        _local[key] = Workspace.local(device, dtype)
-    return _local[key]
+def _local_workspace(device: torch.device) -> Workspace:
+    if str(device) not in _local:
+        _local[str(device)] = Workspace.local(device)
+    return _local[str(device)]
 
 
-def _set_up(device: torch.device, dtype: torch.dtype) -> Workspace | None:
+def _set_up(device: torch.device) -> Workspace | None:
     """This rank's workspace in symmetric memory, exchanged with every rank (a collective) and checked on a
     probe; None on every rank when any rank could not make it, or its probe came out wrong."""
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # no multicast object: we use none
@@ -165,13 +155,14 @@ def _set_up(device: torch.device, dtype: torch.dtype) -> Workspace | None:
     try:
         from torch.distributed import _symmetric_memory as symm_mem
 
-        memory = empty_places(symm_mem.empty(_k.WORKSPACE_BYTES, dtype=torch.uint8, device=device), dtype)
+        memory = symm_mem.empty(_k.WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        memory.zero_()
         handle = symm_mem.rendezvous(memory, dist.group.WORLD)
         torch.cuda.synchronize(device)
-        dist.barrier()  # every rank's places are empty before any rank writes into them
+        dist.barrier()  # every rank's flags are zero before any rank raises one
         bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
         ws = Workspace(bases, handle.rank, keep=(memory, handle))
-        _check_probe(ws, device, dtype)
+        _check_probe(ws, device)
     except Exception:  # noqa: BLE001 - an optional fast path: the unfused one remains
         ws = None
     ok = torch.tensor([0 if ws is None else 1], dtype=torch.int32, device=device)
@@ -179,12 +170,12 @@ def _set_up(device: torch.device, dtype: torch.dtype) -> Workspace | None:
     return ws if int(ok.item()) == 1 else None
 
 
-def _check_probe(ws: Workspace, device: torch.device, dtype: torch.dtype) -> None:
+def _check_probe(ws: Workspace, device: torch.device) -> None:
     """Two rows of rank + 1, twice (both halves of the slots): the sums must be 1 + 2 + ... + world."""
     want = ws.world * (ws.world + 1) // 2
     for _ in range(2):
-        x = torch.full((2, 64), ws.rank + 1, dtype=dtype, device=device)
-        _, total = launch(ws, x, torch.zeros_like(x), torch.ones(64, dtype=dtype, device=device), 1e-6)
+        x = torch.full((2, 64), ws.rank + 1, dtype=torch.float32, device=device)
+        _, total = launch(ws, x, torch.zeros_like(x), torch.ones(64, device=device), 1e-6)
         if not bool((total == want).all()):
             raise RuntimeError(f"a probe summed to {total[0, 0].item()}, expected {want}")
 
