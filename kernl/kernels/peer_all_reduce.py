@@ -3,7 +3,8 @@ can read over NVLink (PyTorch symmetric memory), the ranks meet at a barrier, an
 rank order. One kernel and one barrier against NCCL's ring.
 
 KERNL_ALL_REDUCE picks the path: "auto" (the default) takes the one-shot at 4 or more ranks and NCCL at 2;
-"one_shot" or "nccl" force one. Measured (BENCHMARKS.md, 2026-11-28): at 4 H200s the Llama-8B decode step is
+"one_shot" or "nccl" force one. (The sums fused with the norm after them, kernels/peer_norm.py, go over peer
+memory from 2 ranks on under "auto".) Measured (BENCHMARKS.md, 2026-11-28): at 4 H200s the Llama-8B decode step is
 2.225 ms on the one-shot against 2.487 on NCCL; at 2 ranks the two are within 3% (H200: 3.009 against 3.090; H100,
 before the GEMV: 4.148 against 4.096), so 2 ranks keep NCCL.
 
@@ -43,12 +44,13 @@ def eligible(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and 0 < nbytes <= ONE_SHOT_MAX_BYTES and nbytes % _ALIGN == 0
 
 
-def wanted(world: int) -> bool:
-    """Whether KERNL_ALL_REDUCE asks for the one-shot path at this world size (the same answer on every rank)."""
+def wanted(world: int, auto_min_ranks: int = AUTO_MIN_RANKS) -> bool:
+    """Whether KERNL_ALL_REDUCE asks for the path over peer memory at this world size (the same answer on every
+    rank); "auto" takes it from auto_min_ranks ranks on."""
     path = os.environ.get("KERNL_ALL_REDUCE", "auto")
     if path not in PATHS:
         raise KernlError(f"KERNL_ALL_REDUCE={path!r}: expected one of {', '.join(PATHS)}")
-    return path == "one_shot" or (path == "auto" and world >= AUTO_MIN_RANKS)
+    return path == "one_shot" or (path == "auto" and world >= auto_min_ranks)
 
 
 def one_shot_all_reduce(x: torch.Tensor) -> torch.Tensor | None:

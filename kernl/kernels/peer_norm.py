@@ -6,8 +6,10 @@ does all three over NVLink: one launch and one barrier where the unfused path ha
 Everywhere else (NCCL asked for, prefill rows, CPU and gloo, the ranks-as-threads of a compile) the op is the
 all-reduce of kernels/collectives.py followed by rms_norm, with the same results up to rounding.
 
-KERNL_ALL_REDUCE decides as for the plain sum (kernels/peer_all_reduce.py): the fused kernel runs where the
-one-shot sum is wanted at this world size. KERNL_PEER_NORM=0 keeps the sum and the norm apart (an A/B switch).
+KERNL_ALL_REDUCE decides as for the plain sum (kernels/peer_all_reduce.py), except that "auto" takes the fused
+kernel from 2 ranks on: Llama-8B geometry, decode at batch 1 on 2 H200s (BENCHMARKS.md, 2026-11-28 sixth session):
+2.80-2.82 ms/token fused, 2.91-2.98 with the one-shot sum then the norm, 2.99 on NCCL. KERNL_PEER_NORM=0 keeps the
+sum and the norm apart (an A/B switch).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ if HAS_TRITON:
 
 # Read at import, changeable for tests and benchmarks; every rank must see the same value.
 ENABLED = os.environ.get("KERNL_PEER_NORM", "1") != "0"
+AUTO_MIN_RANKS = 2  # KERNL_ALL_REDUCE=auto takes the fused kernel from this many ranks on
 
 
 class Workspace:
@@ -131,7 +134,7 @@ def _workspace(x: torch.Tensor) -> Workspace | None:
         # a one-rank workspace, so the bundle ships it compiled as every rank will launch it.
         return _local_workspace(x.device) if ranks.world_size == 1 and x.is_cuda else None
     world = collectives.world_size()
-    if world == 1 or not x.is_cuda or not ENABLED or not wanted(world):
+    if world == 1 or not x.is_cuda or not ENABLED or not wanted(world, AUTO_MIN_RANKS):
         return None
     key = x.device.index
     if key not in _workspaces:

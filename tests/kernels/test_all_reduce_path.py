@@ -3,7 +3,7 @@
 import pytest
 
 from kernl.errors import KernlError
-from kernl.kernels import peer_all_reduce
+from kernl.kernels import peer_all_reduce, peer_norm
 
 
 @pytest.mark.parametrize(
@@ -29,3 +29,12 @@ def test_an_unknown_setting_is_refused_by_name(monkeypatch):
     monkeypatch.setenv("KERNL_ALL_REDUCE", "oneshot")
     with pytest.raises(KernlError, match="KERNL_ALL_REDUCE='oneshot'.*auto, one_shot, nccl"):
         peer_all_reduce.wanted(4)
+
+
+@pytest.mark.parametrize(("setting", "world", "fused"), [(None, 2, True), ("nccl", 2, False), ("one_shot", 2, True)])
+def test_the_sum_fused_with_the_norm_goes_over_peer_memory_from_two_ranks(setting, world, fused, monkeypatch):
+    if setting is None:
+        monkeypatch.delenv("KERNL_ALL_REDUCE", raising=False)
+    else:
+        monkeypatch.setenv("KERNL_ALL_REDUCE", setting)
+    assert peer_all_reduce.wanted(world, peer_norm.AUTO_MIN_RANKS) is fused
