@@ -270,7 +270,7 @@ def main() -> None:
         "all_reduces_per_step": low.report.get("tp_all_reduce", 0),
         "sum_norm_us": sn_us,
         "sums_in_norms_per_step": low.report.get("tp_all_reduce_in_norm", 0),
-        "sum_norm_fused": any(peer_norm._workspaces.values()),
+        "sum_norm_path": peer_norm.status() or "apart",
         "all_gathers_per_step": low.report.get("tp_vocab_lm_head", 0),
         "vocab_parallel": {"embedding": bool(vocab.get("embedding")), "lm_head": bool(vocab.get("lm_head"))},
         "weight_bytes_per_rank": weight_bytes,

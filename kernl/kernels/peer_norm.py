@@ -56,6 +56,12 @@ class Workspace:
 
 _workspaces: dict[int, Workspace | None] = {}  # device index → this rank's workspace; None: the unfused path
 _local: dict[str, Workspace] = {}  # device → a one-rank workspace for compiles and tests
+_why: dict[str, str] = {}  # device → "fused", or why its sums and norms stay apart
+
+
+def status() -> dict[str, str]:
+    """Per device set up so far: "fused", or the reason the kernel could not be used (for benchmarks and logs)."""
+    return dict(_why)
 
 
 def fusable(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -154,7 +160,7 @@ def _set_up(device: torch.device) -> Workspace | None:
     """This rank's workspace in symmetric memory, exchanged with every rank (a collective) and checked on a
     probe; None on every rank when any rank could not make it, or its probe came out wrong."""
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # no multicast object: we use none
-    ws = None
+    ws, reason = None, "fused"
     try:
         from torch.distributed import _symmetric_memory as symm_mem
 
@@ -166,11 +172,14 @@ def _set_up(device: torch.device) -> Workspace | None:
         bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
         ws = Workspace(bases, handle.rank, keep=(memory, handle))
         _check_probe(ws, device)
-    except Exception:  # noqa: BLE001 - an optional fast path: the unfused one remains
-        ws = None
+    except Exception as err:  # noqa: BLE001 - an optional fast path: the unfused one remains
+        ws, reason = None, f"apart ({type(err).__name__}: {err})"[:300]
     ok = torch.tensor([0 if ws is None else 1], dtype=torch.int32, device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # all ranks take the path together
-    return ws if int(ok.item()) == 1 else None
+    if int(ok.item()) == 0 and ws is not None:
+        ws, reason = None, "apart (another rank could not set up its workspace)"
+    _why[str(device)] = reason
+    return ws
 
 
 def _check_probe(ws: Workspace, device: torch.device) -> None:

@@ -152,7 +152,7 @@ def run_peer_norm(out_dir: str) -> None:
     results["direct/y"], results["direct/total"] = (
         t.cpu() for t in peer_norm.all_reduce_add_rms_norm(x.to(device), residual.to(device), weight.to(device), 1e-6)
     )
-    results["fused"] = bool(peer_norm._workspaces.get(device.index))
+    results["path"] = peer_norm.status().get(str(device), "apart (never set up)")
 
     statics = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(calls)]
     res, w = residual.to(device), weight.to(device)
