@@ -55,6 +55,17 @@ def norm_kernel(
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=in_row)
 
 
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """t as [rows, last dim] with the last dim contiguous (a view where it can be)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def row_warps(block_n: int) -> int:
+    """Warps for one program holding a whole row of block_n elements in registers."""
+    return min(max(block_n // 512, 1), 16)
+
+
 def launch_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -67,14 +78,8 @@ def launch_norm(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the kernel over x viewed as [rows, hidden]; returns (normed, x + residual or None)."""
     n = x.shape[-1]
-    x2 = x.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    r2 = None
-    if residual is not None:
-        r2 = residual.reshape(-1, n)
-        if r2.stride(-1) != 1:
-            r2 = r2.contiguous()
+    x2 = as_rows(x)
+    r2 = as_rows(residual) if residual is not None else None
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
     y2 = y.view(-1, n)
@@ -83,7 +88,6 @@ def launch_norm(
     if rows == 0:
         return y, s
     block_n = triton.next_power_of_2(n)
-    num_warps = min(max(block_n // 512, 1), 16)
     norm_kernel[(rows,)](
         x2,
         r2 if r2 is not None else x2,
@@ -102,7 +106,7 @@ def launch_norm(
         HAS_BIAS=bias is not None,
         IS_RMS=rms,
         BLOCK_N=block_n,
-        num_warps=num_warps,
+        num_warps=row_warps(block_n),
         **pdl_options(x2),
     )
     return y, s

@@ -18,6 +18,8 @@ NVLink multicast (multimem) is never used: its operations need a multicast objec
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -77,10 +79,9 @@ def one_shot_all_reduce(x: torch.Tensor) -> torch.Tensor | None:
 def _set_up(device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
     """This device's buffer for dtype, made and exchanged with every rank (a collective); None on every rank
     when any rank could not make it, or when the one-shot sum of a probe comes out wrong."""
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # no multicast object: we use none
-    buffer, reason = None, "one_shot"
-    try:
-        from torch.distributed import _symmetric_memory as symm_mem
+
+    def make() -> torch.Tensor:
+        from torch.distributed import _symmetric_memory as symm_mem  # inside: a missing module is a fallback
 
         itemsize = torch.empty((), dtype=dtype).element_size()
         buffer = symm_mem.empty(ONE_SHOT_MAX_BYTES // itemsize, dtype=dtype, device=device)
@@ -92,11 +93,30 @@ def _set_up(device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         world = dist.get_world_size()
         if not bool((out == world * (world + 1) // 2).all()):
             raise RuntimeError(f"a probe summed to {out[0].item()}")
-    except Exception as err:  # noqa: BLE001 - an optional fast path: NCCL remains
-        buffer, reason = None, f"nccl ({type(err).__name__}: {err})"[:300]
-    ok = torch.tensor([0 if buffer is None else 1], dtype=torch.int32, device=device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # all ranks take the path together
-    if int(ok.item()) == 0 and buffer is not None:
-        buffer, reason = None, "nccl (another rank could not set up symmetric memory)"
+        return buffer
+
+    buffer, reason = set_up_on_every_rank(device, make, done="one_shot", otherwise="nccl")
     _why[str(dtype).removeprefix("torch.")] = reason
     return buffer
+
+
+T = TypeVar("T")
+
+
+def set_up_on_every_rank(
+    device: torch.device, make: Callable[[], T], *, done: str, otherwise: str
+) -> tuple[T | None, str]:
+    """make() on every rank (a collective: it allocates symmetric memory and meets the other ranks), then the ranks
+    agree: (its result, done) where every rank succeeded, else (None, why) on every rank, why starting with
+    otherwise (the path taken instead)."""
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # no multicast object: we use none
+    result, reason = None, done
+    try:
+        result = make()
+    except Exception as err:  # noqa: BLE001 - an optional fast path: the other one remains
+        result, reason = None, f"{otherwise} ({type(err).__name__}: {err})"[:300]
+    ok = torch.tensor([0 if result is None else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # all ranks take the path together
+    if int(ok.item()) == 0 and result is not None:
+        result, reason = None, f"{otherwise} (another rank could not set up symmetric memory)"
+    return result, reason

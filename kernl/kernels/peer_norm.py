@@ -22,13 +22,14 @@ import torch.distributed as dist
 from kernl.kernels import collectives
 from kernl.kernels._backend import HAS_TRITON, runs_triton
 from kernl.kernels._custom_ops import custom_op
-from kernl.kernels.peer_all_reduce import wanted
+from kernl.kernels.peer_all_reduce import set_up_on_every_rank, wanted
 from kernl.kernels.rms_norm import rms_norm
 
 if HAS_TRITON:
     import triton
 
     from kernl.kernels import _peer_norm_kernel as _k
+    from kernl.kernels._norm_kernel import as_rows, row_warps
     from kernl.kernels._pdl import pdl_options
 
 
@@ -88,11 +89,7 @@ def launch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel over ws: (rms_norm(sum over ranks of x + residual), that sum + residual)."""
     n = x.shape[-1]
-    x2, r2 = x.reshape(-1, n), residual.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if r2.stride(-1) != 1:
-        r2 = r2.contiguous()
+    x2, r2 = as_rows(x), as_rows(residual)
     y, s = torch.empty_like(x), torch.empty_like(x)
     y2, s2 = y.view(-1, n), s.view(-1, n)
     block_n = triton.next_power_of_2(n)
@@ -115,7 +112,7 @@ def launch(
         weight_offset,
         ON_GPU=x.is_cuda,
         BLOCK_N=block_n,
-        num_warps=min(max(block_n // 512, 1), 16),
+        num_warps=row_warps(block_n),
         **pdl_options(x2),
     )
     return y, s
@@ -128,8 +125,7 @@ def all_reduce_add_rms_norm(
     row-parallel output nothing else reads (the unfused path sums it in place); residual: like x."""
     ws = _workspace(x) if fusable(x, residual, weight) else None
     if ws is None:
-        y, total = rms_norm(collectives.all_reduce(x), weight, eps, residual=residual, weight_offset=weight_offset)
-        return y, total
+        return rms_norm(collectives.all_reduce(x), weight, eps, residual=residual, weight_offset=weight_offset)
     return launch(ws, x, residual, weight, eps, weight_offset)
 
 
@@ -159,10 +155,9 @@ def _local_workspace(device: torch.device) -> Workspace:
 def _set_up(device: torch.device) -> Workspace | None:
     """This rank's workspace in symmetric memory, exchanged with every rank (a collective) and checked on a
     probe; None on every rank when any rank could not make it, or its probe came out wrong."""
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # no multicast object: we use none
-    ws, reason = None, "fused"
-    try:
-        from torch.distributed import _symmetric_memory as symm_mem
+
+    def make() -> Workspace:
+        from torch.distributed import _symmetric_memory as symm_mem  # inside: a missing module is a fallback
 
         memory = symm_mem.empty(_k.WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         memory.zero_()
@@ -172,13 +167,9 @@ def _set_up(device: torch.device) -> Workspace | None:
         bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
         ws = Workspace(bases, handle.rank, keep=(memory, handle))
         _check_probe(ws, device)
-    except Exception as err:  # noqa: BLE001 - an optional fast path: the unfused one remains
-        ws, reason = None, f"apart ({type(err).__name__}: {err})"[:300]
-    ok = torch.tensor([0 if ws is None else 1], dtype=torch.int32, device=device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # all ranks take the path together
-    if int(ok.item()) == 0 and ws is not None:
-        ws, reason = None, "apart (another rank could not set up its workspace)"
-    _why[str(device)] = reason
+        return ws
+
+    ws, _why[str(device)] = set_up_on_every_rank(device, make, done="fused", otherwise="apart")
     return ws
 
 
