@@ -1,17 +1,17 @@
 """One Triton kernel for a row-parallel output's sum over ranks, the residual add and the RMS norm after it.
 
-Each rank's workspace is memory every rank of the host can address (PyTorch symmetric memory over NVLink):
-int32 flags [SLOTS, MAX_WORLD], then two halves of row slots [2, SLOTS, MAX_WORLD, ROW_CAP_BYTES], one slot per
-row and sending rank. Program `row` of every rank owns slot `row`:
-1. it writes its partial row into its place in every rank's slot (remote stores are posted: nothing waits for
-   them, where reading the peers' rows would wait a round trip each), in the half picked by how often it has used
-   the slot (counters);
-2. it adds 1 to its flag in every rank's workspace (release) and waits until every rank's flag in its own is
-   at least 1, then takes 1 off (acquire): the flags return to 0, so a CUDA graph replays the kernel as it is;
-3. it sums the rows in its own slot in rank order in fp32, so every rank holds the same bits, then adds the
-   residual and normalises, as norm_kernel does.
-Two halves make reuse safe: a rank writes a half again only two uses of the slot later, and between them the
-other half's barrier proves that every peer finished the kernel that read it.
+Each rank's workspace is memory every rank of the host can address (PyTorch symmetric memory over NVLink): two
+halves of row slots [2, SLOTS, MAX_WORLD, ROW_CAP_BYTES], one place per row and sending rank, every element
+"empty" (-0.0) until written. Program `row` of every rank:
+1. writes its partial row into its place in every peer's slot `row`, in the half picked by how often it has used
+   the slot (counters); a -0.0 of its own is sent as +0.0, which sums the same. Remote stores are posted:
+   nothing waits for them;
+2. reads each peer's place in its own slot until no element is empty: the data is its own signal, so a call
+   costs one NVLink write latency, with no flag, fence or round trip; then it empties those places again;
+3. sums the rows in rank order in fp32, so every rank holds the same bits, adds the residual and normalises,
+   as norm_kernel does.
+Two halves make reuse safe: a peer writes into a half again only two calls of the slot later, and it cannot get
+there before this rank's next call has written to it, which starts after this call (and its emptying) ended.
 """
 
 from __future__ import annotations
@@ -22,16 +22,15 @@ import triton.language as tl
 from kernl.kernels._pdl import wait_for_inputs
 
 SLOTS = 32  # rows a call may have: decode up to batch 32
+EMPTY_BITS = {2: -(2**15), 4: -(2**31)}  # -0.0 as a signed integer, by element size
 MAX_WORLD = 8
-FLAGS_BYTES = 4096  # SLOTS * MAX_WORLD int32 flags, rounded up so the rows start aligned
-ROW_CAP_BYTES = 32 * 1024  # a row's slot: hidden 16384 in bf16
-WORKSPACE_BYTES = FLAGS_BYTES + 2 * SLOTS * MAX_WORLD * ROW_CAP_BYTES
+ROW_CAP_BYTES = 32 * 1024  # a row's place: hidden 16384 in bf16
+WORKSPACE_BYTES = 2 * SLOTS * MAX_WORLD * ROW_CAP_BYTES
 TIMEOUT_NS = 300 * 10**9  # a peer that never arrives traps the kernel (an error, not a hang) after 5 minutes
 
 # The same numbers as the kernel sees them (Triton reads only constexpr globals).
 _SLOTS = tl.constexpr(SLOTS)
 _MAX_WORLD = tl.constexpr(MAX_WORLD)
-_FLAGS_BYTES = tl.constexpr(FLAGS_BYTES)
 _ROW_CAP_BYTES = tl.constexpr(ROW_CAP_BYTES)
 _TIMEOUT_NS = tl.constexpr(TIMEOUT_NS)
 
@@ -54,12 +53,25 @@ def _give_up(anchor, ON_GPU: tl.constexpr):
 
 
 @triton.jit
-def _fence_system(anchor, ON_GPU: tl.constexpr):
-    # Each thread's stores to its slot become visible to other GPUs before the flag that announces them.
-    if ON_GPU:
-        tl.inline_asm_elementwise(
-            "fence.acq_rel.sys;\n\tmov.u32 $0, 0;", "=r,r", [anchor], dtype=tl.int32, is_pure=False, pack=1
-        )
+def _empty_mask(v, BITS: tl.constexpr):
+    # -0.0: the sign bit alone
+    if BITS == 16:
+        return v.to(tl.int16, bitcast=True) == -32768
+    else:
+        return v.to(tl.int32, bitcast=True) == -2147483648
+
+
+@triton.jit
+def _zero(BLOCK_N: tl.constexpr, dtype: tl.constexpr):
+    return tl.zeros([BLOCK_N], dtype=dtype)
+
+
+@triton.jit
+def _empty(BLOCK_N: tl.constexpr, dtype: tl.constexpr, BITS: tl.constexpr):
+    if BITS == 16:
+        return tl.full([BLOCK_N], -32768, tl.int16).to(dtype, bitcast=True)
+    else:
+        return tl.full([BLOCK_N], -2147483648, tl.int32).to(dtype, bitcast=True)
 
 
 @triton.jit(do_not_specialize=["rank", "world"])
@@ -74,7 +86,7 @@ def peer_add_rms_norm_kernel(
     stride_y,
     stride_s,
     bases,  # int64 [world]: each rank's workspace address, this rank's included
-    counters,  # int32 [_SLOTS]: this rank's uses of each slot so far
+    counters,  # int32 [SLOTS]: this rank's uses of each slot so far
     rank,
     world,
     N,
@@ -89,34 +101,32 @@ def peer_add_rms_norm_kernel(
     cols = tl.arange(0, BLOCK_N)
     in_row = cols < N
     dtype = X.dtype.element_ty
+    BITS: tl.constexpr = dtype.primitive_bitwidth
     x = tl.load(X + row.to(tl.int64) * stride_x + cols, mask=in_row, other=0.0)
+    x = tl.where(_empty_mask(x, BITS), _zero(BLOCK_N, dtype), x)  # -0.0 marks an empty element: send +0.0
     use = tl.load(counters + row)
-    slot_bytes = _FLAGS_BYTES + ((use % 2) * _SLOTS + row).to(tl.int64) * (_MAX_WORLD * _ROW_CAP_BYTES)
+    slot_bytes = ((use % 2) * _SLOTS + row).to(tl.int64) * (_MAX_WORLD * _ROW_CAP_BYTES)
+    for peer in range(world):
+        if peer != rank:
+            place = (tl.load(bases + peer) + slot_bytes + rank * _ROW_CAP_BYTES).to(tl.pointer_type(dtype))
+            tl.store(tl.multiple_of(place, 16) + cols, x, mask=in_row)
+
     own = tl.load(bases + rank)
-    for peer in range(world):
-        place = (tl.load(bases + peer) + slot_bytes + rank * _ROW_CAP_BYTES).to(tl.pointer_type(dtype))
-        tl.store(tl.multiple_of(place, 16) + cols, x, mask=in_row)
-    _fence_system(row, ON_GPU)
-    tl.debug_barrier()
-
-    # Counting flags: a rank may raise a flag again (its next call) before its peer has taken the last one down;
-    # a count never passes 2, since a rank's next-but-one call needs its peer's next signal first.
-    for peer in range(world):
-        theirs = (tl.load(bases + peer) + (row * _MAX_WORLD + rank) * 4).to(tl.pointer_type(tl.int32))
-        tl.atomic_add(theirs, 1, sem="release", scope="sys")  # posted: nothing waits for the answer
+    empty = _empty(BLOCK_N, dtype, BITS)
     start = _now_ns(row, ON_GPU)
-    for peer in range(world):
-        mine = (own + (row * _MAX_WORLD + peer) * 4).to(tl.pointer_type(tl.int32))
-        while tl.atomic_add(mine, 0, sem="acquire", scope="sys") < 1:
-            if _now_ns(row, ON_GPU) - start > _TIMEOUT_NS:
-                _give_up(row, ON_GPU)
-        tl.atomic_add(mine, -1, sem="relaxed", scope="sys")
-    tl.debug_barrier()
-
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     for peer in range(world):
-        place = tl.multiple_of((own + slot_bytes + peer * _ROW_CAP_BYTES).to(tl.pointer_type(dtype)), 16)
-        total += tl.load(place + cols, mask=in_row, other=0.0, cache_modifier=".cv").to(tl.float32)
+        if peer == rank:
+            total += x.to(tl.float32)
+        else:
+            place = tl.multiple_of((own + slot_bytes + peer * _ROW_CAP_BYTES).to(tl.pointer_type(dtype)), 16)
+            part = tl.load(place + cols, mask=in_row, other=1.0, cache_modifier=".cv")
+            while tl.sum(_empty_mask(part, BITS).to(tl.int32), axis=0) > 0:
+                if _now_ns(row, ON_GPU) - start > _TIMEOUT_NS:
+                    _give_up(row, ON_GPU)
+                part = tl.load(place + cols, mask=in_row, other=1.0, cache_modifier=".cv")
+            tl.store(place + cols, empty, mask=in_row)
+            total += part.to(tl.float32)
     tl.store(counters + row, use + 1)
 
     # The sum is rounded as an all-reduce's output would be, then the residual is added in fp32.

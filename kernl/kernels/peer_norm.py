@@ -2,14 +2,15 @@
 
 In a tensor-parallel decoder every row-parallel linear (attention out, MLP down) is followed by an all-reduce
 and the next norm, which adds the residual. On GPUs whose ranks share a host, one kernel (_peer_norm_kernel)
-does all three over NVLink: one launch and one barrier where the unfused path has a collective and a norm.
-Everywhere else (NCCL asked for, prefill rows, CPU and gloo, the ranks-as-threads of a compile) the op is the
-all-reduce of kernels/collectives.py followed by rms_norm, with the same results up to rounding.
+does all three over NVLink: one launch, and one NVLink write latency (the rows are their own signal) where the
+unfused path has a collective and a norm. Everywhere else (NCCL asked for, prefill rows, CPU and gloo, the
+ranks-as-threads of a compile) the op is the all-reduce of kernels/collectives.py followed by rms_norm, with the
+same results up to rounding.
 
 KERNL_ALL_REDUCE decides as for the plain sum (kernels/peer_all_reduce.py), except that "auto" takes the fused
-kernel from 2 ranks on: Llama-8B geometry, decode at batch 1 on 2 H200s (BENCHMARKS.md, 2026-11-28 sixth session):
-2.80-2.82 ms/token fused, 2.91-2.98 with the one-shot sum then the norm, 2.99 on NCCL. KERNL_PEER_NORM=0 keeps the
-sum and the norm apart (an A/B switch).
+kernel from 2 ranks on. On 2 H200s (BENCHMARKS.md, 2026-11-28 seventh session), one call of [1, 4096] in bf16
+chained in a CUDA graph: 3.4 µs, against 7.0 µs for the flag-and-fence protocol it replaced; Llama-8B geometry at
+batch 1: 2.60-2.63 ms/token against 2.90. KERNL_PEER_NORM=0 keeps the sum and the norm apart (an A/B switch).
 """
 
 from __future__ import annotations
@@ -49,14 +50,23 @@ class Workspace:
         self._keep = keep  # the memory behind the addresses
 
     @classmethod
-    def local(cls, device: torch.device) -> Workspace:
+    def local(cls, device: torch.device, dtype: torch.dtype) -> Workspace:
         """A workspace of one rank in ordinary memory: the kernel's sum is then its own partial."""
-        memory = torch.zeros(_k.WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        memory = empty_places(torch.empty(_k.WORKSPACE_BYTES, dtype=torch.uint8, device=device), dtype)
         return cls(torch.tensor([memory.data_ptr()], dtype=torch.int64, device=device), 0, keep=memory)
 
 
-_workspaces: dict[int, Workspace | None] = {}  # device index → this rank's workspace; None: the unfused path
-_local: dict[str, Workspace] = {}  # device → a one-rank workspace for compiles and tests
+def empty_places(memory: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """memory (bytes) with every element of dtype marked empty (-0.0), as the kernel expects a workspace."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    view = torch.int16 if itemsize == 2 else torch.int32
+    memory.view(view).fill_(_k.EMPTY_BITS[itemsize])
+    return memory
+
+
+# (device index, dtype) → this rank's workspace; None: the unfused path. A workspace holds one dtype's rows.
+_workspaces: dict[tuple[int, torch.dtype], Workspace | None] = {}
+_local: dict[tuple[str, torch.dtype], Workspace] = {}  # a one-rank workspace for compiles and tests
 _why: dict[str, str] = {}  # device → "fused", or why its sums and norms stay apart
 
 
@@ -134,51 +144,51 @@ def _workspace(x: torch.Tensor) -> Workspace | None:
     if ranks is not None:
         # Ranks as threads sum through collectives; a lone rank 0 (the compile's warm-up) runs the kernel over
         # a one-rank workspace, so the bundle ships it compiled as every rank will launch it.
-        return _local_workspace(x.device) if ranks.world_size == 1 and x.is_cuda else None
+        return _local_workspace(x.device, x.dtype) if ranks.world_size == 1 and x.is_cuda else None
     world = collectives.world_size()
     if world == 1 or not x.is_cuda or not ENABLED or not wanted(world, AUTO_MIN_RANKS):
         return None
-    key = x.device.index
+    key = (x.device.index, x.dtype)
     if key not in _workspaces:
         if torch.cuda.is_current_stream_capturing():
             return None  # the setup is collective and allocates: never inside a capture
-        _workspaces[key] = _set_up(x.device)
+        _workspaces[key] = _set_up(x.device, x.dtype)
     return _workspaces[key]
 
 
-def _local_workspace(device: torch.device) -> Workspace:
-    if str(device) not in _local:
-        _local[str(device)] = Workspace.local(device)
-    return _local[str(device)]
+def _local_workspace(device: torch.device, dtype: torch.dtype) -> Workspace:
+    key = (str(device), dtype)
+    if key not in _local:
+        _local[key] = Workspace.local(device, dtype)
+    return _local[key]
 
 
-def _set_up(device: torch.device) -> Workspace | None:
+def _set_up(device: torch.device, dtype: torch.dtype) -> Workspace | None:
     """This rank's workspace in symmetric memory, exchanged with every rank (a collective) and checked on a
     probe; None on every rank when any rank could not make it, or its probe came out wrong."""
 
     def make() -> Workspace:
         from torch.distributed import _symmetric_memory as symm_mem  # inside: a missing module is a fallback
 
-        memory = symm_mem.empty(_k.WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        memory.zero_()
+        memory = empty_places(symm_mem.empty(_k.WORKSPACE_BYTES, dtype=torch.uint8, device=device), dtype)
         handle = symm_mem.rendezvous(memory, dist.group.WORLD)
         torch.cuda.synchronize(device)
-        dist.barrier()  # every rank's flags are zero before any rank raises one
+        dist.barrier()  # every rank's places are empty before any rank writes into them
         bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
         ws = Workspace(bases, handle.rank, keep=(memory, handle))
-        _check_probe(ws, device)
+        _check_probe(ws, device, dtype)
         return ws
 
     ws, _why[str(device)] = set_up_on_every_rank(device, make, done="fused", otherwise="apart")
     return ws
 
 
-def _check_probe(ws: Workspace, device: torch.device) -> None:
+def _check_probe(ws: Workspace, device: torch.device, dtype: torch.dtype) -> None:
     """Two rows of rank + 1, twice (both halves of the slots): the sums must be 1 + 2 + ... + world."""
     want = ws.world * (ws.world + 1) // 2
     for _ in range(2):
-        x = torch.full((2, 64), ws.rank + 1, dtype=torch.float32, device=device)
-        _, total = launch(ws, x, torch.zeros_like(x), torch.ones(64, device=device), 1e-6)
+        x = torch.full((2, 64), ws.rank + 1, dtype=dtype, device=device)
+        _, total = launch(ws, x, torch.zeros_like(x), torch.ones(64, dtype=dtype, device=device), 1e-6)
         if not bool((total == want).all()):
             raise RuntimeError(f"a probe summed to {total[0, 0].item()}, expected {want}")
 

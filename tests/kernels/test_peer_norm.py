@@ -21,18 +21,14 @@ def _reference(partials, residual, weight, weight_offset=0.0):
     return y.to(residual.dtype), summed.to(residual.dtype)
 
 
-def _flags(memory: torch.Tensor) -> torch.Tensor:
-    return memory[: k.FLAGS_BYTES].view(torch.int32)[: k.SLOTS * k.MAX_WORLD].view(k.SLOTS, k.MAX_WORLD)
-
-
 def _slot(memory: torch.Tensor, half: int, row: int, sender: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-    start = k.FLAGS_BYTES + ((half * k.SLOTS + row) * k.MAX_WORLD + sender) * k.ROW_CAP_BYTES
+    start = ((half * k.SLOTS + row) * k.MAX_WORLD + sender) * k.ROW_CAP_BYTES
     return memory[start : start + n * torch.empty((), dtype=dtype).element_size()].view(dtype)
 
 
 @pytest.mark.parametrize(("dtype", "rows", "n"), [(torch.bfloat16, 1, 256), (torch.float32, 3, 200)])
 def test_one_rank_is_its_own_partial_plus_residual_normed_across_both_halves(dtype, rows, n):
-    ws = peer_norm.Workspace.local(torch.device(DEVICE))
+    ws = peer_norm.Workspace.local(torch.device(DEVICE), dtype)
     weight = torch.randn(n, device=DEVICE).to(dtype)
     for use in range(3):  # halves 0, 1, 0 of every slot
         x = torch.randn(rows, n, device=DEVICE).to(dtype)
@@ -43,36 +39,40 @@ def test_one_rank_is_its_own_partial_plus_residual_normed_across_both_halves(dty
         torch.testing.assert_close(y, want_y, rtol=2e-2 if dtype != torch.float32 else 1e-5, atol=1e-5)
         assert ws.counters[:rows].tolist() == [use + 1] * rows
         assert int(ws.counters[rows:].abs().sum()) == 0
-        assert int(_flags(ws._keep).abs().sum()) == 0, "a flag was left raised"
 
 
-def test_two_ranks_sum_the_rows_of_the_half_in_use_and_push_theirs_to_the_peer():
-    """Rank 0's side of a 2-rank call, with rank 1's partial and signal written as rank 1's kernel would."""
-    n, rows = 128, 2
-    own, peer = (torch.zeros(k.WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE) for _ in range(2))
+def _is_empty(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) == -(2**15)  # -0.0 in bf16
+
+
+def test_two_ranks_push_their_rows_wait_for_the_peers_and_empty_what_they_read():
+    """Rank 0's side of a 2-rank call, with rank 1's row written into rank 0's workspace as rank 1's kernel would."""
+    n, rows, dtype = 128, 2, torch.bfloat16
+    own, peer = (peer_norm.empty_places(torch.empty(k.WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), dtype)
+                 for _ in range(2))  # fmt: skip
     bases = torch.tensor([own.data_ptr(), peer.data_ptr()], dtype=torch.int64, device=DEVICE)
     ws = peer_norm.Workspace(bases, rank=0, keep=(own, peer))
     ws.counters[:rows] = 1  # each slot used once: this call is in half 1
-    weight = torch.randn(n, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.randn(n, device=DEVICE, dtype=dtype)
     # Quarters from -4 to 4: every sum is exact in bf16, whatever rounding the backend uses (the interpreter
     # truncates), so the total must match exactly.
-    x0, x1, residual = ((torch.randint(-16, 17, (rows, n), device=DEVICE) / 4).to(torch.bfloat16) for _ in range(3))
+    x0, x1, residual = ((torch.randint(-16, 17, (rows, n), device=DEVICE) / 4).to(dtype) for _ in range(3))
+    x0[0, 0] = -0.0  # sent as +0.0: -0.0 marks an empty element
     for row in range(rows):
-        _slot(own, 1, row, 1, n, torch.bfloat16).copy_(x1[row])  # pushed by rank 1
-        _slot(own, 0, row, 1, n, torch.bfloat16).fill_(1000.0)  # the other half: must not be read
-        _flags(own)[row, 1] = 1  # rank 1 has signalled rank 0
+        _slot(own, 1, row, 1, n, dtype).copy_(x1[row])  # pushed by rank 1
+        _slot(own, 0, row, 1, n, dtype).fill_(1000.0)  # the other half: must not be read
 
     y, total = peer_norm.launch(ws, x0, residual, weight, EPS)
 
     want_y, want_total = _reference([x0, x1], residual, weight)
     assert torch.equal(total, want_total)
     torch.testing.assert_close(y, want_y, rtol=2e-2, atol=1e-5)
-    assert _flags(peer)[:rows, 0].tolist() == [1] * rows, "rank 1 was not signalled"
-    assert int(_flags(own).abs().sum()) == 0, "rank 0 did not take down the flags it consumed"
     assert ws.counters[:rows].tolist() == [2] * rows
     for row in range(rows):
-        assert torch.equal(_slot(peer, 1, row, 0, n, torch.bfloat16), x0[row]), "rank 0's partial did not reach rank 1"
-        assert torch.equal(_slot(own, 1, row, 0, n, torch.bfloat16), x0[row]), "rank 0's partial is not in its slot"
+        sent = _slot(peer, 1, row, 0, n, dtype)
+        assert torch.equal(sent, x0[row]) and not _is_empty(sent).any(), "rank 0's row did not reach rank 1 whole"
+        assert _is_empty(_slot(own, 1, row, 1, n, dtype)).all(), "rank 0 did not empty the row it read"
+        assert _is_empty(_slot(own, 1, row, 0, n, dtype)).all(), "rank 0 wrote its own row where nobody reads it"
 
 
 def test_without_peers_the_op_is_the_rms_norm_of_the_sum():
