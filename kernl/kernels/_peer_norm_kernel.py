@@ -120,11 +120,11 @@ def peer_add_rms_norm_kernel(
             total += x.to(tl.float32)
         else:
             place = tl.multiple_of((own + slot_bytes + peer * _ROW_CAP_BYTES).to(tl.pointer_type(dtype)), 16)
-            part = tl.load(place + cols, mask=in_row, other=1.0, cache_modifier=".cv")
+            part = tl.load(place + cols, mask=in_row, other=1.0, volatile=True)
             while tl.sum(_empty_mask(part, BITS).to(tl.int32), axis=0) > 0:
                 if _now_ns(row, ON_GPU) - start > _TIMEOUT_NS:
                     _give_up(row, ON_GPU)
-                part = tl.load(place + cols, mask=in_row, other=1.0, cache_modifier=".cv")
+                part = tl.load(place + cols, mask=in_row, other=1.0, volatile=True)
             tl.store(place + cols, empty, mask=in_row)
             total += part.to(tl.float32)
     tl.store(counters + row, use + 1)
