@@ -427,38 +427,3 @@ def test_append_then_attend_equals_fused_on_gpu(dtype):
     assert torch.equal(k_cache, k2) and torch.equal(v_cache, v2)
     ref = decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), positions + 1)
     assert rel_err(fused, ref) < TOL[dtype] and rel_err(separate, ref) < TOL[dtype]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_rotary_in_a_captured_step_equals_the_rotary_kernel_then_the_step(dtype):
-    """One row (the split, last-split-combined case), replayed at new positions with new tables: the output and the
-    cache equal kernels/rotary.py then the step without tables."""
-    from kernl.kernels.rotary import rotary
-
-    batch, heads_q, heads_kv, head_dim, max_len = 1, 16, 4, 128, 1024
-    cache = torch.randn(2, batch, heads_kv, max_len, head_dim, dtype=dtype, device="cuda")
-    q, k_new, v_new = (torch.randn(batch, h, head_dim, dtype=dtype, device="cuda") for h in (heads_q, 4, 4))
-    cos, sin = torch.ones(batch, 1, head_dim, device="cuda"), torch.zeros(batch, 1, head_dim, device="cuda")
-    positions = torch.zeros(batch, dtype=torch.int32, device="cuda")
-    k_cache, v_cache = cache.clone().unbind(0)
-    decode_attention_append(q, k_cache, v_cache, k_new, v_new, positions, cos=cos, sin=sin)  # outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = decode_attention_append(q, k_cache, v_cache, k_new, v_new, positions, cos=cos, sin=sin)
-    for pos in (5, 700, 1023):
-        angles = torch.randn(batch, 1, head_dim // 2, device="cuda") * pos
-        cos.copy_(torch.cat([angles.cos()] * 2, -1))
-        sin.copy_(torch.cat([angles.sin()] * 2, -1))
-        for t in (q, k_new, v_new):
-            t.copy_(torch.randn_like(t))
-        positions.fill_(pos)
-        want_k, want_v = k_cache.clone(), v_cache.clone()
-        q_rot, k_rot = rotary(q[:, :, None], k_new[:, :, None], cos, sin)
-        want = decode_attention_append(q_rot[:, :, 0], want_k, want_v, k_rot[:, :, 0], v_new, positions)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert rel_err(out, want) < TOL[dtype], (pos, rel_err(out, want))
-        assert rel_err(k_cache[:, :, pos], want_k[:, :, pos]) < TOL[dtype]
-        assert torch.equal(v_cache[:, :, pos], want_v[:, :, pos])
