@@ -9,9 +9,7 @@ rotary, before any repeat for grouped heads):
   cache rows `rows` at positions [0, s); the LM head runs on the hidden state at each row's `last` position
   only (a 512-token prompt would otherwise compute 512 × vocab logits to keep one row).
 - decode(…caches, input_ids [b, 1], position_ids [b, 1]): each attention becomes decode_attention_append,
-  which writes the token's k/v at the row's own position and attends over [0, position] of that row. Where
-  q and k come straight from a kernl.rotary, the rotation moves into it as well (its cos/sin), one launch
-  fewer a layer (KERNL_DECODE_ROTARY=0 keeps the rotary kernel: an A/B switch, read at import).
+  which writes the token's k/v at the row's own position and attends over [0, position] of that row.
 
 Logits come out as [b, vocab]. The caches are [rows, heads_kv, max_len, head_dim] per layer (k and v).
 """
@@ -19,8 +17,6 @@ Logits come out as [b, vocab]. The caches are [rows, heads_kv, max_len, head_dim
 from __future__ import annotations
 
 import copy
-import operator
-import os
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +32,6 @@ kernl_ops = torch.ops.kernl
 PREFILL, DECODE = "prefill", "decode"
 GENERATION_INPUTS = ("input_ids", "position_ids")
 PREFILL_EXTRA = ("last", "rows")
-FOLD_ROTARY = os.environ.get("KERNL_DECODE_ROTARY", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -168,16 +163,6 @@ def prefill_graph(gm: torch.fx.GraphModule, layout: CacheLayout) -> torch.fx.Gra
     return gm
 
 
-def _rotary_feeding(q: torch.fx.Node, k: torch.fx.Node) -> torch.fx.Node | None:
-    """The kernl.rotary whose two results are q and k, read by this attention only; else None."""
-    if not (is_call(q, operator.getitem) and is_call(k, operator.getitem)):
-        return None
-    rotary = q.args[0]
-    if not is_call(rotary, kernl_ops.rotary.default) or q.args != (rotary, 0) or k.args != (rotary, 1):
-        return None
-    return rotary if len(q.users) == 1 and len(k.users) == 1 else None
-
-
 def decode_graph(gm: torch.fx.GraphModule, layout: CacheLayout) -> torch.fx.GraphModule:
     gm = copy.deepcopy(gm)
     graph = gm.graph
@@ -189,15 +174,10 @@ def decode_graph(gm: torch.fx.GraphModule, layout: CacheLayout) -> torch.fx.Grap
     for node, (k_cache, v_cache) in zip(attentions, caches, strict=True):
         q, k, v = node.args[:3]
         scale = node.args[5] if len(node.args) > 5 else node.kwargs.get("scale")
-        rotary = _rotary_feeding(q, k) if FOLD_ROTARY else None
-        tables = ()
-        if rotary is not None:
-            q, k, cos, sin = rotary.args[:4]
-            tables = (cos, sin)
         with graph.inserting_before(node):
             q3, k3, v3 = (graph.call_function(aten.squeeze.dim, (t, 2)) for t in (q, k, v))
             out = graph.call_function(
-                kernl_ops.decode_attention_append.default, (q3, k_cache, v_cache, k3, v3, positions, scale, *tables)
+                kernl_ops.decode_attention_append.default, (q3, k_cache, v_cache, k3, v3, positions, scale)
             )
             out4 = graph.call_function(aten.unsqueeze.default, (out, 2))
         node.replace_all_uses_with(out4)

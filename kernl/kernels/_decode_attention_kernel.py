@@ -7,17 +7,13 @@ whose share of the row lies past its length return before they load anything.
 Phase 1, grid (batch * heads_kv, splits): each program takes one kv head of one row, all the query heads of
 its GQA group at once (they share every K/V load), and one contiguous slice of the row's positions. The
 slice is the row's length divided by the split count, so the work stays spread over all splits whatever the
-length. It writes its slice's normalised output and log-sum-exp (fp32) to a workspace and counts itself done;
-the split that finishes last weighs the slices by their log-sum-exp and writes the output (kernels/tickets.py).
-Where no counters can be had, phase 2 does that instead: one program per (row, query head). With one split,
-phase 1 writes the output. Given the rotary cos/sin of each row's position, phase 1 also rotates q and the new
-key first, so a decode step needs no rotary kernel.
+length. It writes its slice's normalised output and log-sum-exp (fp32) to a workspace; phase 2, one program
+per (row, query head), weighs the slices by their log-sum-exp. With one split, phase 1 writes the output.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
@@ -25,7 +21,6 @@ import triton
 import triton.language as tl
 
 from kernl.kernels._pdl import pdl_options, wait_for_inputs
-from kernl.kernels.tickets import tickets
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e)); exp2 is the fast hardware path
 # Start of the running max: finite, so a slice that has seen no key yet rescales by exp2(-huge) == 0, not NaN.
@@ -43,10 +38,6 @@ def decode_attention_kernel(
     Out,  # [batch, heads_q, head_dim], written here when NUM_SPLITS == 1
     PartO,  # [batch, heads_q, NUM_SPLITS, HEAD_DIM] fp32 contiguous: each split's normalised output
     PartLse,  # [batch, heads_q, NUM_SPLITS] fp32 contiguous: each split's log2-sum-exp2 of scores
-    Cos,  # [batch or 1, ROT] rotary cos of each row's position, last dim contiguous (ROT > 0 only)
-    Sin,  # like Cos
-    Tickets,  # [batch * heads_kv] int32 at 0: splits done per (row, kv head) (COMBINE_HERE only)
-    stride_cb,  # Cos's and Sin's row stride: 0 where one row serves the batch
     stride_qb,
     stride_qh,
     stride_qd,
@@ -74,8 +65,6 @@ def decode_attention_kernel(
     HEAD_DIM: tl.constexpr,
     PAD_D: tl.constexpr,  # BLOCK_D > HEAD_DIM (80, 96...): mask the padded head dims
     APPEND: tl.constexpr,  # write KNew/VNew at positions[b], then attend over [0, positions[b]]
-    ROT: tl.constexpr,  # > 0: rotate q and KNew's first ROT dims first (rotate-half, as kernels/rotary.py)
-    COMBINE_HERE: tl.constexpr,  # the last split of a (row, kv head) to finish combines them: no phase 2
     NUM_SPLITS: tl.constexpr,  # power of two; 1: no workspace, write Out directly
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: exact products, no silent TF32
     BLOCK_H: tl.constexpr,  # the group's q heads padded to tl.dot's minimum of 16 rows
@@ -104,17 +93,8 @@ def decode_attention_kernel(
     chunk = tl.maximum(((length + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N, 1) * BLOCK_N
     start = split * chunk
     if NUM_SPLITS > 1:
-        # Nothing of this row falls in this split: no load, no store (the combine reads only active splits).
+        # Nothing of this row falls in this split: no load, no store (phase 2 reads only active splits).
         if start >= length:
-            if COMBINE_HERE:
-                if length == 0:
-                    if split == 0:  # no split is active: the row's output is zeros
-                        rows_h = tl.arange(0, BLOCK_H)
-                        dims = tl.arange(0, BLOCK_D)
-                        o_ptrs = (Out + off_b.to(tl.int64) * stride_ob + (off_hk * group + rows_h)[:, None].to(tl.int64)
-                                  * stride_oh + dims[None, :] * stride_od)  # fmt: skip
-                        zeros = tl.zeros([BLOCK_H, BLOCK_D], dtype=Out.dtype.element_ty)
-                        tl.store(o_ptrs, zeros, mask=(rows_h < group)[:, None] & (dims < HEAD_DIM)[None, :])
             return
     end = tl.minimum(start + chunk, length)
 
@@ -130,18 +110,6 @@ def decode_attention_kernel(
     # The group's query heads, read once; padding rows are zeros and are never stored.
     q_ptrs = Q + b64 * stride_qb + heads[:, None].to(tl.int64) * stride_qh + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=in_h[:, None] & in_d[None, :], other=0.0)
-    if ROT > 0:
-        # x * cos + rotate_half(x) * sin in fp32, rounded to q's dtype as the rotary kernel's output is.
-        # Past ROT, cos 1 and sin 0 leave the dims as they are.
-        in_rot = offs_d < ROT
-        partner = tl.where(offs_d < ROT // 2, offs_d + ROT // 2, offs_d - ROT // 2)
-        sign = tl.where(offs_d < ROT // 2, -1.0, 1.0)
-        cos = tl.load(Cos + b64 * stride_cb + offs_d, mask=in_rot, other=1.0).to(tl.float32)
-        sin_signed = sign * tl.load(Sin + b64 * stride_cb + offs_d, mask=in_rot, other=0.0).to(tl.float32)
-        q_partner_ptrs = (Q + b64 * stride_qb + heads[:, None].to(tl.int64) * stride_qh
-                          + partner[None, :] * stride_qd)  # fmt: skip
-        q_partner = tl.load(q_partner_ptrs, mask=in_h[:, None] & in_rot[None, :], other=0.0)
-        q = (q.to(tl.float32) * cos[None, :] + q_partner.to(tl.float32) * sin_signed[None, :]).to(q.dtype)
     k_base = K + b64 * stride_kb + hk64 * stride_kh
     v_base = V + b64 * stride_vb + hk64 * stride_vh
 
@@ -188,10 +156,6 @@ def decode_attention_kernel(
             # Only this program (last split of the row, this kv head) touches position pos: write it to the
             # cache for later steps, and fold it into the softmax as one more key.
             kn = tl.load(KNew + b64 * stride_knb + hk64 * stride_knh + offs_d * stride_knd, mask=in_d, other=0.0)
-            if ROT > 0:
-                k_partner_ptrs = KNew + b64 * stride_knb + hk64 * stride_knh + partner * stride_knd
-                k_partner = tl.load(k_partner_ptrs, mask=in_rot, other=0.0)
-                kn = (kn.to(tl.float32) * cos + k_partner.to(tl.float32) * sin_signed).to(kn.dtype)
             vn = tl.load(VNew + b64 * stride_vnb + hk64 * stride_vnh + offs_d * stride_vnd, mask=in_d, other=0.0)
             p64 = pos.to(tl.int64)
             tl.store(k_base + p64 * stride_kn + offs_d * stride_kd, kn.to(K.dtype.element_ty), mask=in_d)
@@ -220,31 +184,6 @@ def decode_attention_kernel(
         part = (b64 * heads_q + h64) * NUM_SPLITS + split  # [BLOCK_H] index of (row, head, split)
         tl.store(PartO + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=in_h[:, None] & in_d[None, :])
         tl.store(PartLse + part, lse, mask=in_h)
-        if COMBINE_HERE:
-            # Every thread's part is stored before the count (release); the last split reads them after (acquire).
-            tl.debug_barrier()
-            done = tl.atomic_add(Tickets + pid, 1, sem="acq_rel", scope="gpu")
-            n_active = (length + chunk - 1) // chunk
-            if done == n_active - 1:
-                # The others' parts are read from L2 (volatile): never from lines this SM may hold.
-                m_all = tl.full([BLOCK_H], MAX_FLOOR, dtype=tl.float32)
-                l_all = tl.zeros([BLOCK_H], dtype=tl.float32)
-                acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-                first = (b64 * heads_q + h64) * NUM_SPLITS
-                for other in range(0, n_active):
-                    lse_s = tl.load(PartLse + first + other, mask=in_h, other=MAX_FLOOR, volatile=True)
-                    o_ptrs = PartO + (first + other)[:, None] * HEAD_DIM + offs_d[None, :]
-                    o_s = tl.load(o_ptrs, mask=in_h[:, None] & in_d[None, :], other=0.0, volatile=True)
-                    m_new = tl.maximum(m_all, lse_s)
-                    alpha = tl.exp2(m_all - m_new)
-                    w = tl.exp2(lse_s - m_new)
-                    l_all = l_all * alpha + w
-                    acc = acc * alpha[:, None] + w[:, None] * o_s
-                    m_all = m_new
-                out = acc / l_all[:, None]
-                o_ptrs = Out + b64 * stride_ob + h64[:, None] * stride_oh + offs_d[None, :] * stride_od
-                tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_h[:, None] & in_d[None, :])
-                tl.atomic_xchg(Tickets + pid, 0)  # ready for the next launch
 
 
 @triton.jit
@@ -348,9 +287,6 @@ class DecodeConfig(NamedTuple):
 
 
 MAX_SPLITS = 64
-# The last split of a (row, kv head) combines the splits (kernels/tickets.py); off (KERNL_DECODE_COMBINE=0): a
-# second kernel does, as before (an A/B switch, read at import).
-COMBINE_HERE = os.environ.get("KERNL_DECODE_COMBINE", "1") != "0"
 # The interpreter's stand-in for the SM count: small, so that test shapes still split several ways.
 _INTERPRETER_SMS = 16
 
@@ -409,11 +345,8 @@ def launch_decode_attention(
     v_new: torch.Tensor | None,
     scale: float,
     config: DecodeConfig | None = None,
-    cos: torch.Tensor | None = None,
-    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run phase 1 (and phase 2 where split and no counters are at hand) on checked inputs. With k_new/v_new,
-    lens holds positions. cos/sin ([batch or 1, rot], last dim contiguous): rotate q and k_new first."""
+    """Run phase 1 (and phase 2 when split) on checked inputs. With k_new/v_new, lens holds positions."""
     batch, heads_q, head_dim = q.shape
     heads_kv, max_len = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty((batch, heads_q, head_dim), dtype=q.dtype, device=q.device)
@@ -433,20 +366,14 @@ def launch_decode_attention(
         kn, vn = k_new, v_new
     else:
         kn = vn = q  # never read
-    counters = tickets(q.device, batch * heads_kv) if splits > 1 and COMBINE_HERE else None
-    rot = 0 if cos is None else cos.shape[-1]
     pdl = pdl_options(q)
     decode_attention_kernel[(batch * heads_kv, splits)](
         q, k_cache, v_cache, lens, kn, vn, out, part_o, part_lse,
-        cos if rot else q, sin if rot else q, counters if counters is not None else lens,
-        cos.stride(0) if rot and cos.shape[0] > 1 else 0,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *kn.stride(), *vn.stride(), *out.stride(),
         heads_kv, group, max_len, scale * LOG2E,
         HEAD_DIM=head_dim,
         PAD_D=block_d != head_dim,
         APPEND=append,
-        ROT=rot,
-        COMBINE_HERE=counters is not None,
         NUM_SPLITS=splits,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_H=max(16, triton.next_power_of_2(group)),
@@ -456,7 +383,7 @@ def launch_decode_attention(
         num_stages=cfg.num_stages,
         **pdl,
     )  # fmt: skip
-    if splits > 1 and counters is None:
+    if splits > 1:
         decode_combine_kernel[(batch * heads_q,)](
             lens, part_o, part_lse, out, *out.stride(), heads_q, max_len,
             HEAD_DIM=head_dim,

@@ -13,7 +13,6 @@ import torch
 
 from kernl.kernels._backend import HAS_TRITON, check_tensor, runs_triton
 from kernl.kernels._custom_ops import custom_op
-from kernl.kernels.rotary import rotary_reference
 
 if HAS_TRITON:
     from kernl.kernels._decode_attention_kernel import launch_cache_append, launch_decode_attention
@@ -162,28 +161,6 @@ def cache_append(
     launch_cache_append(k_cache, v_cache, k_new, v_new, positions)
 
 
-def _rows_of_rotary(
-    q: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """cos and sin as [batch or 1, rot] with the last dim contiguous (from [..., rot], one position a row)."""
-    if cos is None and sin is None:
-        return None
-    if cos is None or sin is None:
-        raise ValueError("cos and sin: give both or neither")
-    check_tensor("cos", cos, ndim=(2, 3))
-    check_tensor("sin", sin, ndim=cos.dim(), like=cos)
-    rot = cos.shape[-1]
-    rows = cos.numel() // max(rot, 1)
-    if cos.device != q.device or sin.shape != cos.shape:
-        raise ValueError(f"cos, sin: shapes {tuple(cos.shape)}, {tuple(sin.shape)} on {cos.device}, q on {q.device}")
-    if rot < 2 or rot % 2 or rot > q.shape[-1] or rows not in (1, q.shape[0]):
-        raise ValueError(
-            f"cos: shape {tuple(cos.shape)}: expected [batch or 1, (1,) rot] with rot even and at most head_dim "
-            f"{q.shape[-1]}, one position for each of the {q.shape[0]} rows"
-        )
-    return cos.reshape(rows, rot).contiguous(), sin.reshape(rows, rot).contiguous()
-
-
 def decode_attention_append(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -193,8 +170,6 @@ def decode_attention_append(
     positions: torch.Tensor,
     *,
     scale: float | None = None,
-    cos: torch.Tensor | None = None,
-    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A decode step's attention in one kernel: cache_append at positions, then decode_attention over
     [0, positions[b]] inclusive (lengths = positions + 1).
@@ -203,22 +178,14 @@ def decode_attention_append(
     (rounded to the cache dtype) and written to the cache by the one program that reads that position, so
     the step needs no separate append launch. A position < 0 gives zeros and writes nothing (an idle row);
     a position >= max_len writes nothing and attends over the whole cache.
-    cos, sin: the rotary tables at each row's position ([batch or 1, rot] or [batch or 1, 1, rot]): q and k_new
-    are first rotated as kernels/rotary.py does (rounded to their dtype), so the step needs no rotary launch.
     """
     check_decode_attention_args(q, k_cache, v_cache, positions)
     _check_new(q, k_cache, k_new, v_new)
-    rotary_rows = _rows_of_rotary(q, cos, sin)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not runs_triton(q):
-        if rotary_rows is not None:
-            cos3, sin3 = (t[:, None, :] for t in rotary_rows)  # [rows, seq 1, rot], as rotary takes them
-            q4, k4 = rotary_reference(q[:, :, None], k_new[:, :, None], cos3, sin3)
-            q, k_new = q4[:, :, 0], k4[:, :, 0]
         cache_append_reference(k_cache, v_cache, k_new, v_new, positions)
         return decode_attention_reference(q, k_cache, v_cache, _lengths_of(positions, k_cache.shape[2]), scale)
-    cos2, sin2 = rotary_rows if rotary_rows is not None else (None, None)
-    return launch_decode_attention(q, k_cache, v_cache, positions, k_new, v_new, scale, cos=cos2, sin=sin2)
+    return launch_decode_attention(q, k_cache, v_cache, positions, k_new, v_new, scale)
 
 
 def cache_fill(
@@ -270,10 +237,8 @@ def decode_attention_append_call(
     v_new: torch.Tensor,
     positions: torch.Tensor,
     scale: float | None,
-    cos: torch.Tensor | None = None,
-    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return decode_attention_append(q, k_cache, v_cache, k_new, v_new, positions, scale=scale, cos=cos, sin=sin)
+    return decode_attention_append(q, k_cache, v_cache, k_new, v_new, positions, scale=scale)
 
 
 decode_attention_op = custom_op("kernl::decode_attention", decode_attention_call, mutates_args=())
@@ -300,5 +265,5 @@ def _(k_cache, v_cache, k, v, rows):
 
 
 @decode_attention_append_op.register_fake
-def _(q, k_cache, v_cache, k_new, v_new, positions, scale, cos=None, sin=None):
+def _(q, k_cache, v_cache, k_new, v_new, positions, scale):
     return q.new_empty(q.shape)

@@ -150,47 +150,6 @@ def test_fused_append_idle_rows_and_positions_past_the_cache(poisoned_empty):
     check(out, q, k_cache, v_cache, torch.tensor([0, 20, 10]), TOL[torch.float32])
 
 
-@pytest.mark.parametrize("rot, cos_rows", [(64, 3), (32, 1)])  # full rotary, one table per row; partial, shared
-def test_fused_append_rotates_q_and_the_new_key_first(poisoned_empty, rot, cos_rows):
-    """With cos/sin, the fused step equals kernels/rotary.py on q and k_new, then the step without them: the
-    output, and the rotated key written to the cache."""
-    from kernl.kernels.rotary import rotary
-
-    dtype, batch, heads_q, heads_kv, head_dim, max_len = torch.float16, 3, 8, 2, 64, 40
-    q, k_cache, v_cache, _ = make_inputs(batch, heads_q, heads_kv, head_dim, max_len, [33, 5, 17], dtype)
-    k_new, v_new = torch.randn(2, batch, heads_kv, head_dim, dtype=dtype).unbind(0)
-    positions = torch.tensor([32, 4, 16], dtype=torch.int32)
-    angles = torch.randn(cos_rows, 1, rot // 2) * 3
-    cos, sin = (torch.cat([f(angles)] * 2, dim=-1) for f in (torch.cos, torch.sin))  # [rows, seq 1, rot], as HF's
-    q_rot, k_rot = rotary(q[:, :, None], k_new[:, :, None], cos, sin)
-    want_k, want_v = k_cache.clone(), v_cache.clone()
-    want = decode_attention_append(q_rot[:, :, 0], want_k, want_v, k_rot[:, :, 0], v_new, positions)
-
-    out = decode_attention_append(q, k_cache, v_cache, k_new, v_new, positions, cos=cos, sin=sin)
-
-    torch.testing.assert_close(out, want, rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(k_cache.nan_to_num(), want_k.nan_to_num(), rtol=0, atol=1e-3)
-    assert torch.equal(v_cache.nan_to_num(), want_v.nan_to_num())
-    assert not torch.equal(k_cache[0, :, 32], k_new[0]), "the cache holds the key unrotated"
-
-
-@pytest.mark.parametrize("here", [True, False])
-def test_the_last_split_combines_and_leaves_its_counters_at_zero(poisoned_empty, monkeypatch, here):
-    """Splits counted on one set of counters across calls (as a captured launch's are): every call's output is
-    right and the counters are back at 0 after each; with the combine off, the second kernel gives the same."""
-    from kernl.kernels import _decode_attention_kernel as kernel
-
-    counters = torch.zeros(8, dtype=torch.int32)
-    monkeypatch.setattr(kernel, "tickets", lambda device, n: counters[:n])
-    monkeypatch.setattr(kernel, "COMBINE_HERE", here)
-    config = kernel.DecodeConfig(16, 8, 4, 1)
-    for lengths in ([100, 1, 37], [16, 99, 0]):
-        q, k_cache, v_cache, lens = make_inputs(3, 4, 2, 64, 100, lengths, torch.float32)
-        out = kernel.launch_decode_attention(q, k_cache, v_cache, lens, None, None, 64**-0.5, config)
-        check(out, q, k_cache, v_cache, lens, TOL[torch.float32])
-        assert int(counters.abs().sum()) == 0
-
-
 def test_strided_views():
     """q from a fused QKV projection; the caches as one layer of a [layers, rows, ...] buffer with more rows
     than the batch, and as a position-major [rows, max_len, heads_kv, head_dim] buffer."""
@@ -229,12 +188,6 @@ def test_custom_ops_and_fakes():
     torch.library.opcheck(
         torch.ops.kernl.decode_attention_append.default,
         (q, k_cache, v_cache, k_new, v_new, positions, 0.5),
-        test_utils=tests,
-    )
-    cos, sin = torch.randn(2, 1, 16).unbind(0)
-    torch.library.opcheck(
-        torch.ops.kernl.decode_attention_append.default,
-        (q, k_cache, v_cache, k_new, v_new, positions, 0.5, cos, sin),
         test_utils=tests,
     )
 

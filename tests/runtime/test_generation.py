@@ -274,22 +274,3 @@ def test_a_model_whose_attention_the_kernel_cannot_take_is_refused_with_its_shap
         kernl.compile(model, tmp_path / "b", buckets=[], device="cpu",
                       generation={"max_length": 16, "batch_sizes": [1], "seq_lens": [4]})  # fmt: skip
     assert not (tmp_path / "b").exists()
-
-
-@pytest.mark.parametrize("fold", [True, False])
-def test_the_decode_step_rotates_q_and_k_inside_its_attention(monkeypatch, fold):
-    """Llama's decode entry passes rotary's cos/sin to decode_attention_append and launches no rotary (the
-    prefill keeps it); KERNL_DECODE_ROTARY=0 keeps the rotary call. Greedy tokens with the fold are checked
-    against transformers above."""
-    from kernl.compiler import generation
-    from kernl.compiler.lower_generation import GenerationSettings, lower_generation
-
-    monkeypatch.setattr(generation, "FOLD_ROTARY", fold)
-    source = lower_generation(tiny_lm("llama"), GenerationSettings.checked(32, [1], [8]), device="cpu").source
-    prefill, decode = source[: source.index("def decode")], source[source.index("def decode") :]
-    assert prefill.count("kernl_ops.rotary(") == 2  # one a layer
-    assert decode.count("kernl_ops.rotary(") == (0 if fold else 2)
-    attentions = [line for line in decode.splitlines() if "kernl_ops.decode_attention_append(" in line]
-    assert len(attentions) == 2
-    args = [line.split("kernl_ops.decode_attention_append(")[1].split(")")[0].split(", ") for line in attentions]
-    assert all(len(a) == (9 if fold else 7) for a in args)
