@@ -1,4 +1,4 @@
-"""The fused sum over ranks + residual add + RMS norm: its kernel's arithmetic and its flag protocol (under Triton's
+"""The fused sum over ranks + residual add + RMS norm: its kernel's arithmetic and its protocol (under Triton's
 interpreter, a peer's side written by hand), and the unfused path it takes everywhere else."""
 
 import pytest

@@ -61,7 +61,7 @@ def test_the_fused_sum_and_norm_is_the_same_on_every_rank_direct_and_in_graphs(w
     y, total = _summed_and_normed([o["direct/input"] for o in outs], residual, weight)
     torch.testing.assert_close(outs[0]["direct/total"].float(), total, atol=0, rtol=8e-3)  # one bf16 rounding
     torch.testing.assert_close(outs[0]["direct/y"].float(), y, atol=2e-2, rtol=2e-2)
-    for replay in range(3):  # both halves of every slot, and the flags, reused across replays
+    for replay in range(3):  # both halves of every slot, emptied and reused across replays
         residual_in = residual
         for i in range(3):
             key = f"graph{replay}/{i}"
