@@ -32,6 +32,19 @@ ENABLED = os.environ.get("KERNL_PDL", "1") != "0"
 PREFETCH = True
 
 
+def _span_from_env() -> int:
+    value = os.environ.get("KERNL_PREFETCH_K", "512")
+    if not value.isdigit() or int(value) < 64 or int(value) & (int(value) - 1):
+        raise ValueError(f"KERNL_PREFETCH_K={value!r}: expected a power of two, at least 64")
+    return int(value)
+
+
+# The most of K (elements) a program prefetches: KERNL_PREFETCH_K, read at import (an A/B switch for benchmarks).
+# A longer span fills more of the time a GEMM waits on the kernel before it (a sum over ranks, attention) with
+# its own weight reads, at the cost of more L2 held; 512 (1 KB a weight row) is what was measured.
+PREFETCH_MAX_K = _span_from_env()
+
+
 @functools.cache
 def _hopper_or_later(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
@@ -63,11 +76,11 @@ def prefetch_span(pdl: dict[str, bool], m: int, k: int) -> int:
     """PREFETCH_K for a GEMM launch: how much of K (elements) each program pulls into L2 before it waits.
 
     Only with PDL, where the prefetch overlaps the previous kernel, and only for small M, where the GEMM
-    streams its weight once; 512 elements of K (1 KB a weight row) keeps a whole layer's prefetch in L2.
+    streams its weight once; at most PREFETCH_MAX_K elements of K.
     """
     if not (PREFETCH and pdl["USE_PDL"]) or m > 64:
         return 0
-    return min(512, max(64, triton.next_power_of_2(k)))
+    return min(PREFETCH_MAX_K, max(64, triton.next_power_of_2(k)))
 
 
 @triton.jit

@@ -15,6 +15,22 @@ def test_pdl_switch_turns_it_off(monkeypatch):
     assert not _pdl.use_pdl(torch.randn(4))
 
 
+@pytest.mark.parametrize(("most", "k", "span"), [(512, 4096, 512), (2048, 4096, 2048), (2048, 100, 128), (512, 8, 64)])
+def test_the_prefetch_span_is_k_rounded_up_within_the_switch(monkeypatch, most, k, span):
+    monkeypatch.setattr(_pdl, "PREFETCH_MAX_K", most)
+    on = {"USE_PDL": True, "launch_pdl": True}
+    assert _pdl.prefetch_span(on, 1, k) == span
+    assert _pdl.prefetch_span(on, 65, k) == 0  # large M: the weight is read by many programs, no prefetch
+    assert _pdl.prefetch_span({"USE_PDL": False}, 1, k) == 0
+
+
+@pytest.mark.parametrize("value", ["100", "32", "x", ""])
+def test_a_bad_prefetch_span_is_refused_by_name(monkeypatch, value):
+    monkeypatch.setenv("KERNL_PREFETCH_K", value)
+    with pytest.raises(ValueError, match="KERNL_PREFETCH_K"):
+        _pdl._span_from_env()
+
+
 def _decoder_chain(x, weights, cos, sin, heads, kv_heads):
     """A few llama-like blocks: every kernel reads the output of the one just before it."""
     batch, seq, hidden = x.shape
