@@ -45,34 +45,43 @@ def _is_empty(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) == -(2**15)  # -0.0 in bf16
 
 
-def test_two_ranks_push_their_rows_wait_for_the_peers_and_empty_what_they_read():
-    """Rank 0's side of a 2-rank call, with rank 1's row written into rank 0's workspace as rank 1's kernel would."""
+@pytest.mark.parametrize(("world", "rank"), [(2, 0), (4, 2)])
+def test_a_rank_pushes_its_rows_waits_for_the_peers_and_empties_what_it_read(world, rank):
+    """One rank's side of a call, with every peer's row written into its workspace as the peers' kernels would."""
     n, rows, dtype = 128, 2, torch.bfloat16
-    own, peer = (peer_norm.empty_places(torch.empty(k.WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), dtype)
-                 for _ in range(2))  # fmt: skip
-    bases = torch.tensor([own.data_ptr(), peer.data_ptr()], dtype=torch.int64, device=DEVICE)
-    ws = peer_norm.Workspace(bases, rank=0, keep=(own, peer))
+    memories = [peer_norm.empty_places(torch.empty(k.WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), dtype)
+                for _ in range(world)]  # fmt: skip
+    bases = torch.tensor([m.data_ptr() for m in memories], dtype=torch.int64, device=DEVICE)
+    ws = peer_norm.Workspace(bases, rank=rank, keep=memories)
     ws.counters[:rows] = 1  # each slot used once: this call is in half 1
     weight = torch.randn(n, device=DEVICE, dtype=dtype)
     # Quarters from -4 to 4: every sum is exact in bf16, whatever rounding the backend uses (the interpreter
     # truncates), so the total must match exactly.
-    x0, x1, residual = ((torch.randint(-16, 17, (rows, n), device=DEVICE) / 4).to(dtype) for _ in range(3))
-    x0[0, 0] = -0.0  # sent as +0.0: -0.0 marks an empty element
-    for row in range(rows):
-        _slot(own, 1, row, 1, n, dtype).copy_(x1[row])  # pushed by rank 1
-        _slot(own, 0, row, 1, n, dtype).fill_(1000.0)  # the other half: must not be read
+    parts = [(torch.randint(-16, 17, (rows, n), device=DEVICE) / 4).to(dtype) for _ in range(world)]
+    residual = (torch.randint(-16, 17, (rows, n), device=DEVICE) / 4).to(dtype)
+    parts[rank][0, 0] = -0.0  # sent as +0.0: -0.0 marks an empty element
+    own = memories[rank]
+    for sender in range(world):
+        if sender != rank:
+            for row in range(rows):
+                _slot(own, 1, row, sender, n, dtype).copy_(parts[sender][row])  # pushed by the sender
+                _slot(own, 0, row, sender, n, dtype).fill_(1000.0)  # the other half: must not be read
 
-    y, total = peer_norm.launch(ws, x0, residual, weight, EPS)
+    y, total = peer_norm.launch(ws, parts[rank], residual, weight, EPS)
 
-    want_y, want_total = _reference([x0, x1], residual, weight)
+    want_y, want_total = _reference(parts, residual, weight)
     assert torch.equal(total, want_total)
     torch.testing.assert_close(y, want_y, rtol=2e-2, atol=1e-5)
     assert ws.counters[:rows].tolist() == [2] * rows
     for row in range(rows):
-        sent = _slot(peer, 1, row, 0, n, dtype)
-        assert torch.equal(sent, x0[row]) and not _is_empty(sent).any(), "rank 0's row did not reach rank 1 whole"
-        assert _is_empty(_slot(own, 1, row, 1, n, dtype)).all(), "rank 0 did not empty the row it read"
-        assert _is_empty(_slot(own, 1, row, 0, n, dtype)).all(), "rank 0 wrote its own row where nobody reads it"
+        for peer in range(world):
+            if peer == rank:
+                mine = _slot(own, 1, row, rank, n, dtype)
+                assert _is_empty(mine).all(), "the rank wrote its own row where nobody reads it"
+                continue
+            sent = _slot(memories[peer], 1, row, rank, n, dtype)
+            assert torch.equal(sent, parts[rank][row]) and not _is_empty(sent).any(), f"no whole row reached {peer}"
+            assert _is_empty(_slot(own, 1, row, peer, n, dtype)).all(), f"the row from {peer} was not emptied"
 
 
 def test_without_peers_the_op_is_the_rms_norm_of_the_sum():
