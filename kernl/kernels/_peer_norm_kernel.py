@@ -33,6 +33,8 @@ _SLOTS = tl.constexpr(SLOTS)
 _MAX_WORLD = tl.constexpr(MAX_WORLD)
 _ROW_CAP_BYTES = tl.constexpr(ROW_CAP_BYTES)
 _TIMEOUT_NS = tl.constexpr(TIMEOUT_NS)
+_EMPTY_16 = tl.constexpr(EMPTY_BITS[2])
+_EMPTY_32 = tl.constexpr(EMPTY_BITS[4])
 
 
 @triton.jit
@@ -56,22 +58,17 @@ def _give_up(anchor, ON_GPU: tl.constexpr):
 def _empty_mask(v, BITS: tl.constexpr):
     # -0.0: the sign bit alone
     if BITS == 16:
-        return v.to(tl.int16, bitcast=True) == -32768
+        return v.to(tl.int16, bitcast=True) == _EMPTY_16
     else:
-        return v.to(tl.int32, bitcast=True) == -2147483648
-
-
-@triton.jit
-def _zero(BLOCK_N: tl.constexpr, dtype: tl.constexpr):
-    return tl.zeros([BLOCK_N], dtype=dtype)
+        return v.to(tl.int32, bitcast=True) == _EMPTY_32
 
 
 @triton.jit
 def _empty(BLOCK_N: tl.constexpr, dtype: tl.constexpr, BITS: tl.constexpr):
     if BITS == 16:
-        return tl.full([BLOCK_N], -32768, tl.int16).to(dtype, bitcast=True)
+        return tl.full([BLOCK_N], _EMPTY_16, tl.int16).to(dtype, bitcast=True)
     else:
-        return tl.full([BLOCK_N], -2147483648, tl.int32).to(dtype, bitcast=True)
+        return tl.full([BLOCK_N], _EMPTY_32, tl.int32).to(dtype, bitcast=True)
 
 
 @triton.jit(do_not_specialize=["rank", "world"])
@@ -103,7 +100,7 @@ def peer_add_rms_norm_kernel(
     dtype = X.dtype.element_ty
     BITS: tl.constexpr = dtype.primitive_bitwidth
     x = tl.load(X + row.to(tl.int64) * stride_x + cols, mask=in_row, other=0.0)
-    x = tl.where(_empty_mask(x, BITS), _zero(BLOCK_N, dtype), x)  # -0.0 marks an empty element: send +0.0
+    x = tl.where(_empty_mask(x, BITS), tl.zeros([BLOCK_N], dtype=dtype), x)  # -0.0 marks an empty element: send +0.0
     use = tl.load(counters + row)
     slot_bytes = ((use % 2) * _SLOTS + row).to(tl.int64) * (_MAX_WORLD * _ROW_CAP_BYTES)
     for peer in range(world):
