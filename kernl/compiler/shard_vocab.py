@@ -6,7 +6,10 @@ every rank costs as much as four of its layers. Split by vocabulary rows, rank r
 
 - LM head: each rank computes its slice of the logits, and kernl.all_gather puts the slices side by side.
 - Embedding (the table input_ids index): each rank looks up the ids in its rows (ids outside them read row 0 and
-  are zeroed), and kernl.all_reduce sums the ranks' rows: exactly one rank contributes each id's row.
+  are zeroed), and kernl.all_reduce sums the ranks' rows: exactly one rank contributes each id's row. Only a
+  table the LM head also reads (tied) is split this way: a lookup reads one row a token, so splitting a table of
+  its own saves memory alone, and costs a decode step an all-reduce and five masking kernels
+  (SPLIT_UNTIED_EMBEDDING).
 
 The program stays one for all ranks: a rank's first row is a weight of its own (the "vocab start", [1] int64).
 A table tied to the LM head is split for both or neither. Tables under VOCAB_PARALLEL_MIN_BYTES stay whole.
@@ -26,6 +29,8 @@ kernl_ops = torch.ops.kernl
 
 # A table of at least this many bytes is split (a GPT-2 head, 77 MB in fp16, is; a 1-layer test model's is not).
 VOCAB_PARALLEL_MIN_BYTES = 32 * 2**20
+# Whether an embedding that no LM head reads is split as well (for tests and A/B benchmarks of the lookup path).
+SPLIT_UNTIED_EMBEDDING = False
 
 
 def _weight_of(node, weights: Mapping) -> torch.fx.Node | None:
@@ -140,6 +145,8 @@ def split_vocab(
         vocab = val.shape[dim]
         if not isinstance(vocab, int) or vocab % world_size or val.numel() * val.element_size() < min_bytes:
             continue
+        if not SPLIT_UNTIED_EMBEDDING and not any(u in heads for u in users):
+            continue  # an embedding alone: the whole table, read one row a token, beats a sum over ranks
         split[weight.name] = dim
         for user in users:
             if user in heads:

@@ -25,24 +25,31 @@ def even_vocab(name: str) -> torch.nn.Module:
     return type(MODELS[name]())(config).eval()
 
 
-@pytest.mark.parametrize("name", ["llama"])  # gpt2's tied table: test_tensor_parallel_generation
-def test_vocabulary_parallel_ranks_match_the_model(name, monkeypatch):
+@pytest.mark.parametrize("split_embedding", [True, False], ids=["embedding-split", "embedding-whole"])
+def test_vocabulary_parallel_ranks_match_the_model(split_embedding, monkeypatch):
+    """Llama's untied table: the LM head split by vocabulary, its embedding whole by default (a lookup reads one
+    row) or split as well (the masked lookup and its sum); gpt2's tied table: test_tensor_parallel_generation."""
     monkeypatch.setattr(shard_vocab, "VOCAB_PARALLEL_MIN_BYTES", 0)  # any table qualifies
-    model = even_vocab(name)
+    monkeypatch.setattr(shard_vocab, "SPLIT_UNTIED_EMBEDDING", split_embedding)
+    model = even_vocab("llama")
     _, low, plan = lower_sharded(model, [BUCKET], 2)
-    assert plan.vocab["embedding"] and plan.vocab["lm_head"]
+    assert bool(plan.vocab["embedding"]) is split_embedding and plan.vocab["lm_head"]
     assert plan.describe()["vocab_parallel"]["min_bytes"] == 0
     assert "kernl_ops.all_gather(" in low.source
     ranks = [plan.weights_for(low.weights, r) for r in range(2)]
     for table in {*plan.vocab["embedding"], *plan.vocab["lm_head"]}:
         assert ranks[0][table].shape[0] * 2 == low.weights[table].shape[0]
         assert torch.equal(torch.cat([r[table] for r in ranks]), low.weights[table])
+    embedding = next(n for n in low.weights if "embed_tokens" in n)
+    if not split_embedding:
+        assert all(torch.equal(r[embedding], low.weights[embedding]) for r in ranks)  # every rank: the whole table
     (check,) = warm_up_sharded(
         low.bind(), plan, low.weights, low.spec.weights, model, low.make_inputs, [BUCKET], low.device,
         low.input_names,
     )  # fmt: skip
     assert check["max_abs_diff"] < 1e-4 and check["ranks_max_abs_diff"] == 0.0
-    assert plan.id_limit() == 98  # declared in the manifest: the runtime refuses ids past the whole table
+    # Split, the manifest declares the table's rows, as the runtime cannot find them through the shift and mask.
+    assert plan.id_limit() == (98 if split_embedding else None)
 
 
 def test_forward_bundle_from_meta_and_checkpoint(tmp_path):
