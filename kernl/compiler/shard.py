@@ -36,7 +36,7 @@ from kernl.compiler.shard_dims import (
     getitem,
     pointwise,
 )
-from kernl.compiler.shard_norm import fuse_sums_into_norms
+from kernl.compiler.shard_norm import fuse_linears_into_sums, fuse_sums_into_norms
 from kernl.errors import KernlError
 from kernl.kernels import collectives as _collectives  # noqa: F401 - declares torch.ops.kernl.all_reduce
 from kernl.kernels import register_ops
@@ -448,6 +448,7 @@ def shard_program(gm: torch.fx.GraphModule, weights: Mapping[str, torch.Tensor],
         ):
             infer_val(node)
     fused_norms = fuse_sums_into_norms(graph)
+    fused_linears = fuse_linears_into_sums(graph)
     graph.lint()
     gm.recompile()
 
@@ -456,6 +457,7 @@ def shard_program(gm: torch.fx.GraphModule, weights: Mapping[str, torch.Tensor],
     report["tp_row_parallel"] = len(prop.rows)
     report["tp_all_reduce"] = len(prop.rows) + len(plan.vocab["embedding"])
     report["tp_all_reduce_in_norm"] = fused_norms
+    report["tp_linear_in_norm"] = fused_linears
     report["tp_attention"] = sum(1 for n in prop.shards if n.target is kernl_ops.attention.default)
     report["tp_vocab_embedding"] = len(plan.vocab["embedding"])
     report["tp_vocab_lm_head"] = len(plan.vocab["lm_head"])

@@ -1,6 +1,8 @@
 """After sharding: a row-parallel output's all-reduce that only feeds the next residual add + RMS norm becomes one
 kernl.all_reduce_add_rms_norm, which on GPUs of one host sums, adds and normalises in a single kernel
-(kernels/peer_norm.py) and elsewhere runs the two ops it replaces."""
+(kernels/peer_norm.py) and elsewhere runs the two ops it replaces. Where that output is a plain linear's
+(no bias, activation or residual), the linear joins too: kernl.linear_all_reduce_add_rms_norm, whose GEMV
+stores its outputs straight into the ranks' places (kernels/peer_linear_norm.py)."""
 
 from __future__ import annotations
 
@@ -33,5 +35,30 @@ def fuse_sums_into_norms(graph: torch.fx.Graph) -> int:
         norm.replace_all_uses_with(fused_node)
         graph.erase_node(norm)
         graph.erase_node(total)
+        fused += 1
+    return fused
+
+
+def fuse_linears_into_sums(graph: torch.fx.Graph) -> int:
+    """Rewrite every all_reduce_add_rms_norm of a plain kernl.linear's output that nothing else reads; returns
+    how many."""
+    fused = 0
+    for norm in list(graph.nodes):
+        if norm.target is not kernl_ops.all_reduce_add_rms_norm.default or norm.kwargs:
+            continue
+        row = norm.args[0]
+        if not isinstance(row, torch.fx.Node) or row.target is not kernl_ops.linear.default or len(row.users) != 1:
+            continue
+        if row.kwargs or len(row.args) != 6 or any(a is not None for a in row.args[2:5]):
+            continue  # a bias, an activation or a residual: the GEMV that pushes has none of them
+        x, weight, *_, transposed = row.args
+        with graph.inserting_before(norm):
+            fused_node = graph.call_function(
+                kernl_ops.linear_all_reduce_add_rms_norm.default, (x, weight, transposed, *norm.args[1:])
+            )
+        fused_node.meta.update(norm.meta)
+        norm.replace_all_uses_with(fused_node)
+        graph.erase_node(norm)
+        graph.erase_node(row)
         fused += 1
     return fused

@@ -14,6 +14,7 @@ from kernl.kernels.decode_attention import (
 from kernl.kernels.gated_linear import gated_linear, gated_linear_reference
 from kernl.kernels.layer_norm import layer_norm, layer_norm_reference
 from kernl.kernels.linear import linear, linear_reference
+from kernl.kernels.peer_linear_norm import linear_all_reduce_add_rms_norm
 from kernl.kernels.peer_norm import all_reduce_add_rms_norm
 from kernl.kernels.rms_norm import rms_norm, rms_norm_reference
 from kernl.kernels.rotary import rotary, rotary_reference
@@ -33,6 +34,7 @@ __all__ = [
     "layer_norm",
     "layer_norm_reference",
     "linear",
+    "linear_all_reduce_add_rms_norm",
     "linear_reference",
     "register_ops",
     "rms_norm",

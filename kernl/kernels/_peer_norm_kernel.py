@@ -12,6 +12,11 @@ halves of row slots [2, SLOTS, MAX_WORLD, ROW_CAP_BYTES], one place per row and 
    as norm_kernel does.
 Two halves make reuse safe: a peer writes into a half again only two calls of the slot later, and it cannot get
 there before this rank's next call has written to it, which starts after this call (and its emptying) ended.
+
+PUSHED: the row-parallel GEMV before the kernel has already written every rank's places, this rank's own included
+(_gemv_push_kernel), as each of its programs finished. Step 1 goes, step 2 reads this rank's place as well, and
+the kernel waits for the GEMV (PDL) only once its places are full: the sum's NVLink latency then runs from the
+GEMV's last store instead of from after its end, the kernel's start and the reload of the partial.
 """
 
 from __future__ import annotations
@@ -92,28 +97,33 @@ def peer_add_rms_norm_kernel(
     ON_GPU: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_PDL: tl.constexpr,
+    PUSHED: tl.constexpr = False,  # the GEMV before wrote every place, this rank's own too (X unused)
 ):
-    wait_for_inputs(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     in_row = cols < N
-    dtype = X.dtype.element_ty
+    dtype = Y.dtype.element_ty
     BITS: tl.constexpr = dtype.primitive_bitwidth
-    x = tl.load(X + row.to(tl.int64) * stride_x + cols, mask=in_row, other=0.0)
-    x = tl.where(_empty_mask(x, BITS), tl.zeros([BLOCK_N], dtype=dtype), x)  # -0.0 marks an empty element: send +0.0
+    if not PUSHED:
+        wait_for_inputs(USE_PDL)
+    # PUSHED, the slot's last call ended before the GEMV before this kernel started: no wait needed to read it.
     use = tl.load(counters + row)
     slot_bytes = ((use % 2) * _SLOTS + row).to(tl.int64) * (_MAX_WORLD * _ROW_CAP_BYTES)
-    for peer in range(world):
-        if peer != rank:
-            place = (tl.load(bases + peer) + slot_bytes + rank * _ROW_CAP_BYTES).to(tl.pointer_type(dtype))
-            tl.store(tl.multiple_of(place, 16) + cols, x, mask=in_row)
+    x = tl.zeros([BLOCK_N], dtype=dtype)
+    if not PUSHED:
+        x = tl.load(X + row.to(tl.int64) * stride_x + cols, mask=in_row, other=0.0)
+        x = tl.where(_empty_mask(x, BITS), tl.zeros([BLOCK_N], dtype=dtype), x)  # -0.0 marks empty: send +0.0
+        for peer in range(world):
+            if peer != rank:
+                place = (tl.load(bases + peer) + slot_bytes + rank * _ROW_CAP_BYTES).to(tl.pointer_type(dtype))
+                tl.store(tl.multiple_of(place, 16) + cols, x, mask=in_row)
 
     own = tl.load(bases + rank)
     empty = _empty(BLOCK_N, dtype, BITS)
     start = _now_ns(row, ON_GPU)
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     for peer in range(world):
-        if peer == rank:
+        if peer == rank and not PUSHED:
             total += x.to(tl.float32)
         else:
             place = tl.multiple_of((own + slot_bytes + peer * _ROW_CAP_BYTES).to(tl.pointer_type(dtype)), 16)
@@ -123,7 +133,9 @@ def peer_add_rms_norm_kernel(
                     _give_up(row, ON_GPU)
                 part = tl.load(place + cols, mask=in_row, other=1.0, volatile=True)
             tl.store(place + cols, empty, mask=in_row)
-            total += part.to(tl.float32)
+            total += tl.where(in_row, part.to(tl.float32), 0.0)  # past N: the 1.0 that ends the poll, not data
+    if PUSHED:
+        wait_for_inputs(USE_PDL)  # the GEMV has ended (its last stores are in): the outputs may reuse its memory
     tl.store(counters + row, use + 1)
 
     # The sum is rounded as an all-reduce's output would be, then the residual is added in fp32.

@@ -15,6 +15,7 @@ from kernl.kernels.gated_linear import gated_linear_call as gated_linear
 from kernl.kernels.layer_norm import add_layer_norm_call as add_layer_norm
 from kernl.kernels.layer_norm import layer_norm_call as layer_norm
 from kernl.kernels.linear import linear_call as linear
+from kernl.kernels.peer_linear_norm import linear_all_reduce_add_rms_norm_call as linear_all_reduce_add_rms_norm
 from kernl.kernels.peer_norm import all_reduce_add_rms_norm_call as all_reduce_add_rms_norm
 from kernl.kernels.rms_norm import add_rms_norm_call as add_rms_norm
 from kernl.kernels.rms_norm import rms_norm_call as rms_norm
@@ -34,6 +35,7 @@ __all__ = [
     "gated_linear",
     "layer_norm",
     "linear",
+    "linear_all_reduce_add_rms_norm",
     "rms_norm",
     "rotary",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +143,19 @@ if HAS_TRITON:
         weight_transposed: bool,
     ) -> None:
         """Fill y2 [M, N] from x2 [M, K]; picks (or tunes, once per key) the tile config."""
+        config, run = linear_plan(x2, weight, bias, r2, y2, activation, weight_transposed)
+        run(config)
+
+    def linear_plan(
+        x2: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        r2: torch.Tensor | None,
+        y2: torch.Tensor,
+        activation: str | None,
+        weight_transposed: bool,
+    ) -> tuple[dict[str, int], Callable[[dict[str, int]], None]]:
+        """The config launch_linear runs (tuned at the first call of its key) and the function that runs one."""
         m, k = x2.shape
         n = y2.shape[1]
         if weight_transposed:
@@ -209,7 +223,7 @@ if HAS_TRITON:
         candidates = linear_configs(key[1], n, k, x2.element_size(), heavy_epilogue, weight_transposed)
         # Few rows: the call is a stream of its weight, timed as a decode step runs it.
         streamed = autotune_cache.Streamed((weight,), run) if key[1] <= autotune_cache.STREAMED_M else None
-        run(autotune_cache.tune("linear", key, candidates, run, benchmark=x2.is_cuda, streamed=streamed))
+        return autotune_cache.tune("linear", key, candidates, run, benchmark=x2.is_cuda, streamed=streamed), run
 
 
 # Activations cuBLASLt applies in the GEMM's epilogue along with the bias (its GELU is the tanh form).

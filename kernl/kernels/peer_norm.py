@@ -91,19 +91,21 @@ def fusable(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bo
 
 def launch(
     ws: Workspace,
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     residual: torch.Tensor,
     weight: torch.Tensor,
     eps: float,
     weight_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel over ws: (rms_norm(sum over ranks of x + residual), that sum + residual)."""
-    n = x.shape[-1]
-    x2, r2 = as_rows(x), as_rows(residual)
-    y, s = torch.empty_like(x), torch.empty_like(x)
+    """The kernel over ws: (rms_norm(sum over ranks of x + residual), that sum + residual). x None: the rows are
+    in ws's places already, every rank's, written by _gemv_push_kernel (the kernel's PUSHED mode)."""
+    n = residual.shape[-1]
+    r2 = as_rows(residual)
+    x2 = as_rows(x) if x is not None else r2
+    y, s = torch.empty_like(residual), torch.empty_like(residual)
     y2, s2 = y.view(-1, n), s.view(-1, n)
     block_n = triton.next_power_of_2(n)
-    _k.peer_add_rms_norm_kernel[(x2.shape[0],)](
+    _k.peer_add_rms_norm_kernel[(r2.shape[0],)](
         x2,
         r2,
         weight,
@@ -120,10 +122,11 @@ def launch(
         n,
         eps,
         weight_offset,
-        ON_GPU=x.is_cuda,
+        ON_GPU=residual.is_cuda,
         BLOCK_N=block_n,
         num_warps=row_warps(block_n),
-        **pdl_options(x2),
+        PUSHED=x is None,
+        **pdl_options(r2),
     )
     return y, s
 
@@ -133,13 +136,15 @@ def all_reduce_add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(total), total) where total = the sum of x over ranks + residual. x: [..., hidden], a fresh
     row-parallel output nothing else reads (the unfused path sums it in place); residual: like x."""
-    ws = _workspace(x) if fusable(x, residual, weight) else None
+    ws = workspace_for(x) if fusable(x, residual, weight) else None
     if ws is None:
         return rms_norm(collectives.all_reduce(x), weight, eps, residual=residual, weight_offset=weight_offset)
     return launch(ws, x, residual, weight, eps, weight_offset)
 
 
-def _workspace(x: torch.Tensor) -> Workspace | None:
+def workspace_for(x: torch.Tensor) -> Workspace | None:
+    """The workspace of x's device and dtype (set up at the first call, a collective), None where the sum and the
+    norm stay apart: ranks as threads, one rank, CPU, KERNL_ALL_REDUCE or KERNL_PEER_NORM asking for it."""
     ranks = collectives.thread_ranks()
     if ranks is not None:
         # Ranks as threads sum through collectives; a lone rank 0 (the compile's warm-up) runs the kernel over

@@ -61,12 +61,17 @@ def test_ranks_sum_to_the_whole_program(families, name, references):
     assert plan.report["tp_all_reduce"] == plan.report["tp_row_parallel"] == 2 * layers
     # An RMS-norm decoder's sums each feed the next residual add + norm, and become one op with it.
     assert plan.report["tp_all_reduce_in_norm"] == (2 * layers if name == "llama" else 0)
+    # ... and each takes in the plain linear before it, whose GEMV then writes straight to the ranks.
+    assert plan.report["tp_linear_in_norm"] == plan.report["tp_all_reduce_in_norm"]
+    fused = _calls(gm, kernl_ops.linear_all_reduce_add_rms_norm.default)
     sums = _calls(gm, kernl_ops.all_reduce.default) + _calls(gm, kernl_ops.all_reduce_add_rms_norm.default)
-    assert len(sums) == 2 * layers
+    assert len(sums) + len(fused) == 2 * layers
     for total in sums:
         row = total.args[0]
         assert row.target is kernl_ops.linear.default and list(row.users) == [total]
         assert row.args[3] is None and row.args[4] is None  # activation and residual need the whole sum
+    for op in fused:
+        assert op.args[1].op == "placeholder" and plan.rules[op.args[1].name].dim == 1  # row-parallel: split by in
 
     assert not any("pooler" in w or "embed" in w for w in plan.rules)  # BERT's pooler reaches the output: whole
     inputs = token_inputs(2, 7)  # another shape than the export's: the per-rank program stays dynamic

@@ -45,10 +45,11 @@ def _is_empty(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) == k.EMPTY_BITS[2]  # -0.0 in bf16
 
 
-@pytest.mark.parametrize(("world", "rank"), [(2, 0), (4, 2)])
-def test_a_rank_pushes_its_rows_waits_for_the_peers_and_empties_what_it_read(world, rank):
-    """One rank's side of a call, with every peer's row written into its workspace as the peers' kernels would."""
-    n, rows, dtype = 128, 2, torch.bfloat16
+@pytest.mark.parametrize(("world", "rank", "n"), [(2, 0, 128), (4, 2, 128), (2, 1, 96)])
+def test_a_rank_pushes_its_rows_waits_for_the_peers_and_empties_what_it_read(world, rank, n):
+    """One rank's side of a call, with every peer's row written into its workspace as the peers' kernels would;
+    a row narrower than the kernel's block (96 of 128) as well."""
+    rows, dtype = 2, torch.bfloat16
     memories = [peer_norm.empty_places(torch.empty(k.WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), dtype)
                 for _ in range(world)]  # fmt: skip
     bases = torch.tensor([m.data_ptr() for m in memories], dtype=torch.int64, device=DEVICE)

@@ -53,9 +53,10 @@ def _summed_and_normed(parts: list[torch.Tensor], residual: torch.Tensor, weight
 
 
 @pytest.mark.parametrize("world", WORLDS)
-def test_the_fused_sum_and_norm_is_the_same_on_every_rank_direct_and_in_graphs(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["--peer-norm", "--peer-linear-norm"])  # the partial rows given, or a GEMV's
+def test_the_fused_sum_and_norm_is_the_same_on_every_rank_direct_and_in_graphs(mode, world, tmp_path, monkeypatch):
     monkeypatch.setenv("KERNL_ALL_REDUCE", "one_shot")
-    outs = launch_ranks(["--peer-norm", str(tmp_path)], tmp_path, world)
+    outs = launch_ranks([mode, str(tmp_path)], tmp_path, world)
     assert [o["path"] for o in outs] == ["fused"] * world, "the kernel over peer memory did not set up on these GPUs"
     residual, weight = outs[0]["residual"], outs[0]["weight"]
     y, total = _summed_and_normed([o["direct/input"] for o in outs], residual, weight)

@@ -7,6 +7,7 @@ on the case's inputs and saves its outputs. Used by tests/runtime/test_tensor_pa
     python -m tests.runtime.tp_worker --generate BUNDLE PROMPTS_FILE OUT_DIR (greedy, seeded and unseeded sampling)
     python -m tests.runtime.tp_worker --all-reduce OUT_DIR                   (GPUs: kernl's all_reduce alone)
     python -m tests.runtime.tp_worker --peer-norm OUT_DIR                    (GPUs: the sum + residual + norm op)
+    python -m tests.runtime.tp_worker --peer-linear-norm OUT_DIR             (GPUs: a linear before it, in one op)
 """
 
 from __future__ import annotations
@@ -131,13 +132,17 @@ def run_all_reduce(out_dir: str) -> None:
     _leave_after_nccl()
 
 
-def run_peer_norm(out_dir: str) -> None:
+def run_peer_norm(out_dir: str, linear: bool = False) -> None:
     """all_reduce_add_rms_norm on this rank's GPU: called directly, then a CUDA graph of CALLS chained calls (each
     call's total is the next one's residual) replayed REPLAYS times on new partials; saved with this rank's inputs
-    and which path ran."""
+    (the partial rows) and which path ran. linear: linear_all_reduce_add_rms_norm of a row-parallel linear's input
+    (decode: one row), its partial rows computed again by kernl.linear for the record."""
     from kernl.kernels import peer_norm
+    from kernl.kernels.linear import linear as plain_linear
+    from kernl.kernels.peer_linear_norm import linear_all_reduce_add_rms_norm
 
-    calls, replays, shape, dtype = 3, 3, (2, 4096), torch.bfloat16
+    calls, replays, dtype = 3, 3, torch.bfloat16
+    shape, k_in = ((1, 4096), 1024) if linear else ((2, 4096), None)
     rank = int(os.environ["RANK"])
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
@@ -147,15 +152,27 @@ def run_peer_norm(out_dir: str) -> None:
     residual = torch.randn(shape, generator=shared).to(dtype)
     weight = torch.randn(shape[-1], generator=shared).to(dtype)
     results = {"residual": residual, "weight": weight}
-    x = torch.randn(shape, generator=gen).to(dtype)
-    results["direct/input"] = x
-    results["direct/y"], results["direct/total"] = (
-        t.cpu() for t in peer_norm.all_reduce_add_rms_norm(x.to(device), residual.to(device), weight.to(device), 1e-6)
-    )
+    res, w = residual.to(device), weight.to(device)
+    if linear:
+        rows_weight = (torch.randn(shape[-1], k_in, generator=gen) / k_in**0.5).to(dtype).to(device)
+
+    def new_input() -> torch.Tensor:
+        return torch.randn((shape[0], k_in) if linear else shape, generator=gen).to(dtype).to(device)
+
+    def op(x: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if linear:
+            return linear_all_reduce_add_rms_norm(x, rows_weight, False, total, w, 1e-6)
+        return peer_norm.all_reduce_add_rms_norm(x.clone(), total, w, 1e-6)
+
+    def partial(x: torch.Tensor) -> torch.Tensor:
+        return (plain_linear(x, rows_weight) if linear else x).cpu()
+
+    x = new_input()
+    results["direct/input"] = partial(x)
+    results["direct/y"], results["direct/total"] = (t.cpu() for t in op(x, res))
     results["path"] = peer_norm.status().get(str(device), "apart (never set up)")
 
-    statics = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(calls)]
-    res, w = residual.to(device), weight.to(device)
+    statics = [torch.zeros_like(new_input()) for _ in range(calls)]
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     torch.cuda.synchronize(device)
@@ -163,12 +180,12 @@ def run_peer_norm(out_dir: str) -> None:
     with torch.cuda.graph(graph, stream=side):
         outs, total = [], res
         for static in statics:
-            y, total = peer_norm.all_reduce_add_rms_norm(static.clone(), total, w, 1e-6)
+            y, total = op(static, total)
             outs.append((y, total))
     for replay in range(replays):
         for i, static in enumerate(statics):
-            static.copy_(torch.randn(shape, generator=gen).to(dtype))
-            results[f"graph{replay}/{i}/input"] = static.cpu()
+            static.copy_(new_input())
+            results[f"graph{replay}/{i}/input"] = partial(static)
         graph.replay()
         for i, (y, total) in enumerate(outs):
             results[f"graph{replay}/{i}/y"], results[f"graph{replay}/{i}/total"] = y.cpu(), total.cpu()
@@ -201,5 +218,7 @@ if __name__ == "__main__":
         run_all_reduce(sys.argv[2])
     elif sys.argv[1] == "--peer-norm":
         run_peer_norm(sys.argv[2])
+    elif sys.argv[1] == "--peer-linear-norm":
+        run_peer_norm(sys.argv[2], linear=True)
     else:
         run_cases(sys.argv[1], sys.argv[2])
