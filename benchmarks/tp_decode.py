@@ -12,14 +12,18 @@ every rank holds the same norms and logits agree). Nothing is written to disk; k
         (one GPU running one tp=4 rank's shapes of the 8B geometry, without its all-reduces)
     torchrun --nproc-per-node 2 benchmarks/tp_decode.py --device cpu --layers 2 --hidden 128 --intermediate 256 \
         --vocab 512 --heads 4 --kv-heads 2 --prompt 16 --new-tokens 8 --out /tmp/tp.json   (logic check, gloo)
+    torchrun --nproc-per-node 2 benchmarks/tp_decode.py --variants "base: k512:prefetch_k=512 apart:push_linear=0" \
+        --rounds 5 --out ab.json   (an A/B in one process: one program per variant, rounds in rotating order)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -48,7 +52,61 @@ def parse() -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="cuda: bf16, cpu: fp32")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--profile", type=Path, help="also write rank 0's GPU kernel table of 32 decode steps here")
+    p.add_argument(
+        "--variants",
+        type=parse_variants,
+        default=None,
+        help=f'"NAME:KNOB=V,KNOB=V NAME: ..." timed against each other in one process; knobs: {", ".join(KNOBS)}',
+    )  # noqa: E501
+    p.add_argument("--rounds", type=int, default=3, help="with --variants: each variant timed once a round")
     return p.parse_args()
+
+
+# A/B knobs of --variants: the module global each sets (read at launch: a variant's graphs are captured with it).
+KNOBS = {
+    "prefetch_k": ("kernl.kernels._pdl", "PREFETCH_MAX_K"),
+    "prefetch": ("kernl.kernels._pdl", "PREFETCH"),
+    "pdl": ("kernl.kernels._pdl", "ENABLED"),
+    "peer_norm": ("kernl.kernels.peer_norm", "ENABLED"),
+    "push_linear": ("kernl.kernels.peer_linear_norm", "ENABLED"),
+    "split_embedding": ("kernl.compiler.shard_vocab", "SPLIT_UNTIED_EMBEDDING"),  # at export: a program of its own
+}
+COMPILE_KNOBS = {"split_embedding"}
+
+
+def parse_variants(text: str) -> dict[str, dict[str, int]]:
+    """'base: k512:prefetch_k=512,pdl=0' → {"base": {}, "k512": {"prefetch_k": 512, "pdl": 0}}."""
+    out: dict[str, dict[str, int]] = {}
+    for item in text.split():
+        name, _, knobs = item.partition(":")
+        settings = {}
+        for pair in filter(None, knobs.split(",")):
+            knob, _, value = pair.partition("=")
+            if knob not in KNOBS or not value.isdigit():
+                raise argparse.ArgumentTypeError(f"{pair!r}: expected KNOB=INT with KNOB in {sorted(KNOBS)}")
+            settings[knob] = int(value)
+        if not name or name in out:
+            raise argparse.ArgumentTypeError(f"variant {name!r}: names must be given and distinct")
+        out[name] = settings
+    return out
+
+
+@contextlib.contextmanager
+def knobs_set(settings: dict[str, int]):
+    """The knobs' module globals set to settings (booleans from 0/1), restored after."""
+    import importlib
+
+    saved = []
+    for knob, value in settings.items():
+        module, attr = KNOBS[knob]
+        mod = importlib.import_module(module)
+        saved.append((mod, attr, getattr(mod, attr)))
+        setattr(mod, attr, type(getattr(mod, attr))(value))
+    try:
+        yield
+    finally:
+        for mod, attr, value in reversed(saved):
+            setattr(mod, attr, value)
 
 
 def geometry(args: argparse.Namespace) -> dict:
@@ -92,6 +150,11 @@ def lower(g: dict, dtype: torch.dtype, device: torch.device, world: int, prompt:
         model = LlamaForCausalLM(config).to(dtype).eval()
     settings = GenerationSettings.checked(prompt + new + 1, [1], [prompt])
     return lower_generation(model, settings, dtype=dtype, device=device, tensor_parallel=world)
+
+
+def lookups(low) -> set[str]:
+    """The weights the program reads through aten.embedding (a row a token)."""
+    return set(re.findall(r"aten\.embedding\.default\((\w+),", low.source))
 
 
 def rank_weights(low, rank: int, device: torch.device) -> list[torch.Tensor]:
@@ -146,6 +209,25 @@ def decode_rate(gen, vocab: int, prompt: int, new: int, repeats: int, device: to
     full = statistics.median(run(new) for _ in range(repeats))
     step = (full - first) / (new - 1)
     return {"prefill_s": first, "generate_s": full, "decode_ms_per_token": step * 1e3, "decode_tokens_per_s": 1 / step}
+
+
+def time_variants(args: argparse.Namespace, variants: dict, gens: dict, vocab: int, device: torch.device) -> dict:
+    """Each variant's decode ms/token, once a round, the order rotating each round (the same on every rank)."""
+    names = list(variants)
+    rounds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            settings = {k: v for k, v in variants[name].items() if k not in COMPILE_KNOBS}
+            with knobs_set(settings):  # where a step runs outside its graphs
+                rate = decode_rate(gens[name], vocab, args.prompt, args.new_tokens, args.repeats, device)
+            rounds[name].append(rate["decode_ms_per_token"])
+    out = {}
+    for name in names:
+        out[name] = {"knobs": variants[name], "decode_ms_per_token": statistics.median(rounds[name]),
+                     "rounds_ms_per_token": rounds[name]}  # fmt: skip
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{name:>16}: {out[name]['decode_ms_per_token']:.3f} ms/token  rounds {rounds[name]}", flush=True)
+    return out
 
 
 def profile_decode(gen, vocab: int, prompt: int, rank: int, path: Path, steps: int = 32) -> None:
@@ -236,23 +318,46 @@ def main() -> None:
     from kernl.runtime.generation import Generator, Settings
 
     t0 = time.perf_counter()
-    low = lower(g, dtype, device, world, args.prompt, args.new_tokens)
+    variants = args.variants or {"base": {}}
+    programs: dict[tuple, tuple] = {}  # compile-time knobs → (lowered program, this rank's weights)
+
+    def program(settings: dict[str, int]) -> tuple:
+        key = tuple(sorted((k, v) for k, v in settings.items() if k in COMPILE_KNOBS))
+        if key not in programs:
+            with knobs_set(dict(key)):
+                low = lower(g, dtype, device, world, args.prompt, args.new_tokens)
+            programs[key] = (low, rank_weights(low, rank, device))
+        return programs[key]
+
+    low, weights = program(next(iter(variants.values())))
     t_lower = time.perf_counter() - t0
-    weights = rank_weights(low, rank, device)
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
-    settings = Settings(low.settings.max_length, [1], [args.prompt], g["vocab"], [], None)
+    tables = lookups(low)  # read one row a token, not whole
+    read_bytes = weight_bytes - sum(
+        (w.numel() - w.shape[-1]) * w.element_size() for name, w in zip(low.spec.weights, weights) if name in tables
+    )
+    gens = {}
     with compile_session() as _:  # kernels compile and tune at their first call, as at compile time
-        gen = Generator(low.spec, weights, device, settings, cuda_graphs=device.type == "cuda")
         t1 = time.perf_counter()
-        gen.capture()
+        for name, settings in variants.items():
+            v_low, v_weights = program(settings)
+            run_settings = {k: v for k, v in settings.items() if k not in COMPILE_KNOBS}
+            with knobs_set(run_settings):
+                v_settings = Settings(v_low.settings.max_length, [1], [args.prompt], g["vocab"], [], None)
+                gens[name] = Generator(v_low.spec, v_weights, device, v_settings, cuda_graphs=device.type == "cuda")
+                gens[name].capture()
         t_capture = time.perf_counter() - t1
-        rate = decode_rate(gen, g["vocab"], args.prompt, args.new_tokens, args.repeats, device)
+        gen = gens[next(iter(variants))]
+        if args.variants is None:
+            rate = decode_rate(gen, g["vocab"], args.prompt, args.new_tokens, args.repeats, device)
+        else:
+            rate = {"variants": time_variants(args, variants, gens, g["vocab"], device)}
         if args.profile is not None and device.type == "cuda":
             profile_decode(gen, g["vocab"], args.prompt, rank, args.profile)
     ar_us = all_reduce_us(g["hidden"], dtype, device, world)
     sn_us = sum_norm_us(g["hidden"], dtype, device, world)
     bandwidth = copy_bandwidth(device)
-    floor_ms = weight_bytes / bandwidth * 1e3
+    floor_ms = read_bytes / bandwidth * 1e3
     vocab = low.shard.describe().get("vocab_parallel", {}) if low.shard is not None else {}
     result = {
         "benchmark": "tp_decode",
@@ -270,18 +375,20 @@ def main() -> None:
         "all_reduces_per_step": low.report.get("tp_all_reduce", 0),
         "sum_norm_us": sn_us,
         "sums_in_norms_per_step": low.report.get("tp_all_reduce_in_norm", 0),
+        "linears_in_sums_per_step": low.report.get("tp_linear_in_norm", 0),
         "sum_norm_path": peer_norm.status() or "apart",
         "all_gathers_per_step": low.report.get("tp_vocab_lm_head", 0),
         "vocab_parallel": {"embedding": bool(vocab.get("embedding")), "lm_head": bool(vocab.get("lm_head"))},
         "weight_bytes_per_rank": weight_bytes,
+        "weight_bytes_read_per_step": read_bytes,
         "cache_bytes_per_rank": sum(t.numel() * t.element_size() for t in gen.state),
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "floor_ms_per_token": floor_ms,
-        "fraction_of_floor": floor_ms / rate["decode_ms_per_token"],
+        "fraction_of_floor": floor_ms / rate["decode_ms_per_token"] if "decode_ms_per_token" in rate else None,
         "seconds": {"export_and_shard": t_lower, "capture_and_kernels": t_capture, "total": time.perf_counter() - t0},
     }
     everyone = [None] * world
-    if world > 1:
+    if world > 1 and "decode_tokens_per_s" in result:
         dist.all_gather_object(everyone, result["decode_tokens_per_s"])
         result["ranks_tokens_per_s"] = everyone
     if rank == 0:

@@ -33,15 +33,16 @@ PREFETCH = True
 
 
 def _span_from_env() -> int:
-    value = os.environ.get("KERNL_PREFETCH_K", "512")
+    value = os.environ.get("KERNL_PREFETCH_K", "128")
     if not value.isdigit() or int(value) < 64 or int(value) & (int(value) - 1):
         raise ValueError(f"KERNL_PREFETCH_K={value!r}: expected a power of two, at least 64")
     return int(value)
 
 
 # The most of K (elements) a program prefetches: KERNL_PREFETCH_K, read at import (an A/B switch for benchmarks).
-# A longer span fills more of the time a GEMM waits on the kernel before it (a sum over ranks, attention) with
-# its own weight reads, at the cost of more L2 held; 512 (1 KB a weight row) is what was measured.
+# Shorter was faster, down to 128: Llama-8B decode at tp=1/2/4 on H200s (BENCHMARKS.md, eighth session), ms a token
+# at 512 / 256 / 128: 4.218 / 4.158 / 4.139, 2.592 / 2.559 / 2.548, 1.797 / 1.773 / 1.761. No prefetch lost (+0.05 at
+# tp=1 against 512), and so did longer spans (2048: +0.18 ms at tp=2), even capped in bytes to stay within L2.
 PREFETCH_MAX_K = _span_from_env()
 
 
