@@ -3,20 +3,20 @@
 Each rank's workspace is memory every rank of the host can address (PyTorch symmetric memory over NVLink): two
 halves of row slots [2, SLOTS, MAX_WORLD, ROW_CAP_BYTES], one place per row and sending rank, every element
 "empty" (-0.0) until written. Program `row` of every rank:
-1. writes its partial row into its place in every peer's slot `row`, in the half picked by how often it has used
-   the slot (counters); a -0.0 of its own is sent as +0.0, which sums the same. Remote stores are posted:
-   nothing waits for them;
-2. reads each peer's place in its own slot until no element is empty: the data is its own signal, so a call
-   costs one NVLink write latency, with no flag, fence or round trip; then it empties those places again;
-3. sums the rows in rank order in fp32, so every rank holds the same bits, adds the residual and normalises,
-   as norm_kernel does.
+1. writes its partial row into its place in every rank's slot `row` (its own too), in the half picked by how
+   often it has used the slot (counters); a -0.0 of its own is sent as +0.0, which sums the same. Remote stores
+   are posted: nothing waits for them;
+2. reads every rank's place in its own slot, all at once, until no element is empty: the data is its own signal,
+   so a call costs one NVLink write latency, with no flag, fence or round trip; then it empties those places;
+3. sums the rows in fp32, in the same order on every rank, so every rank holds the same bits, adds the residual
+   and normalises, as norm_kernel does.
 Two halves make reuse safe: a peer writes into a half again only two calls of the slot later, and it cannot get
 there before this rank's next call has written to it, which starts after this call (and its emptying) ended.
 
 PUSHED: the row-parallel GEMV before the kernel has already written every rank's places, this rank's own included
-(_gemv_push_kernel), as each of its programs finished. Step 1 goes, step 2 reads this rank's place as well, and
-the kernel waits for the GEMV (PDL) only once its places are full: the sum's NVLink latency then runs from the
-GEMV's last store instead of from after its end, the kernel's start and the reload of the partial.
+(_gemv_push_kernel), as each of its programs finished. Step 1 goes, and the kernel waits for the GEMV (PDL) only
+once its places are full: the sum's NVLink latency then runs from the GEMV's last store instead of from after its
+end, the kernel's start and the reload of the partial.
 """
 
 from __future__ import annotations
@@ -69,11 +69,11 @@ def _empty_mask(v, BITS: tl.constexpr):
 
 
 @triton.jit
-def _empty(BLOCK_N: tl.constexpr, dtype: tl.constexpr, BITS: tl.constexpr):
+def _empty(ROWS: tl.constexpr, BLOCK_N: tl.constexpr, dtype: tl.constexpr, BITS: tl.constexpr):
     if BITS == 16:
-        return tl.full([BLOCK_N], _EMPTY_16, tl.int16).to(dtype, bitcast=True)
+        return tl.full([ROWS, BLOCK_N], _EMPTY_16, tl.int16).to(dtype, bitcast=True)
     else:
-        return tl.full([BLOCK_N], _EMPTY_32, tl.int32).to(dtype, bitcast=True)
+        return tl.full([ROWS, BLOCK_N], _EMPTY_32, tl.int32).to(dtype, bitcast=True)
 
 
 @triton.jit(do_not_specialize=["rank", "world"])
@@ -96,6 +96,7 @@ def peer_add_rms_norm_kernel(
     weight_offset,
     ON_GPU: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WORLD_P2: tl.constexpr,  # world rounded up to a power of two: the rows of the tile of places
     USE_PDL: tl.constexpr,
     PUSHED: tl.constexpr = False,  # the GEMV before wrote every place, this rank's own too (X unused)
 ):
@@ -109,31 +110,27 @@ def peer_add_rms_norm_kernel(
     # PUSHED, the slot's last call ended before the GEMV before this kernel started: no wait needed to read it.
     use = tl.load(counters + row)
     slot_bytes = ((use % 2) * _SLOTS + row).to(tl.int64) * (_MAX_WORLD * _ROW_CAP_BYTES)
-    x = tl.zeros([BLOCK_N], dtype=dtype)
     if not PUSHED:
         x = tl.load(X + row.to(tl.int64) * stride_x + cols, mask=in_row, other=0.0)
         x = tl.where(_empty_mask(x, BITS), tl.zeros([BLOCK_N], dtype=dtype), x)  # -0.0 marks empty: send +0.0
-        for peer in range(world):
-            if peer != rank:
-                place = (tl.load(bases + peer) + slot_bytes + rank * _ROW_CAP_BYTES).to(tl.pointer_type(dtype))
-                tl.store(tl.multiple_of(place, 16) + cols, x, mask=in_row)
+        for peer in range(world):  # its own place too, so that every rank's row is read the same way
+            place = (tl.load(bases + peer) + slot_bytes + rank * _ROW_CAP_BYTES).to(tl.pointer_type(dtype))
+            tl.store(tl.multiple_of(place, 16) + cols, x, mask=in_row)
 
-    own = tl.load(bases + rank)
-    empty = _empty(BLOCK_N, dtype, BITS)
+    # Every rank's place at once, a tile row per sender in rank order, reloaded until no element is empty: the
+    # loads of all places are in flight together, where a poll per sender would wait for each in turn.
+    senders = tl.arange(0, WORLD_P2)
+    starts = (tl.load(bases + rank) + slot_bytes + senders.to(tl.int64) * _ROW_CAP_BYTES).to(tl.pointer_type(dtype))
+    places = tl.multiple_of(starts, 16)[:, None] + cols[None, :]
+    sent = (senders[:, None] < world) & in_row[None, :]
     start = _now_ns(row, ON_GPU)
-    total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for peer in range(world):
-        if peer == rank and not PUSHED:
-            total += x.to(tl.float32)
-        else:
-            place = tl.multiple_of((own + slot_bytes + peer * _ROW_CAP_BYTES).to(tl.pointer_type(dtype)), 16)
-            part = tl.load(place + cols, mask=in_row, other=1.0, volatile=True)
-            while tl.sum(_empty_mask(part, BITS).to(tl.int32), axis=0) > 0:
-                if _now_ns(row, ON_GPU) - start > _TIMEOUT_NS:
-                    _give_up(row, ON_GPU)
-                part = tl.load(place + cols, mask=in_row, other=1.0, volatile=True)
-            tl.store(place + cols, empty, mask=in_row)
-            total += tl.where(in_row, part.to(tl.float32), 0.0)  # past N: the 1.0 that ends the poll, not data
+    parts = tl.load(places, mask=sent, other=1.0, volatile=True)
+    while tl.sum(tl.sum(_empty_mask(parts, BITS).to(tl.int32), axis=1), axis=0) > 0:
+        if _now_ns(row, ON_GPU) - start > _TIMEOUT_NS:
+            _give_up(row, ON_GPU)
+        parts = tl.load(places, mask=sent, other=1.0, volatile=True)
+    tl.store(places, _empty(WORLD_P2, BLOCK_N, dtype, BITS), mask=sent)
+    total = tl.sum(tl.where(sent, parts.to(tl.float32), 0.0), axis=0)  # masked: the 1.0 that ends the poll
     if PUSHED:
         wait_for_inputs(USE_PDL)  # the GEMV has ended (its last stores are in): the outputs may reuse its memory
     tl.store(counters + row, use + 1)

@@ -124,6 +124,7 @@ def launch(
         weight_offset,
         ON_GPU=residual.is_cuda,
         BLOCK_N=block_n,
+        WORLD_P2=triton.next_power_of_2(ws.world),
         num_warps=row_warps(block_n),
         PUSHED=x is None,
         **pdl_options(r2),

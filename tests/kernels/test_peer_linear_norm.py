@@ -48,7 +48,7 @@ def _all_empty(t: torch.Tensor) -> bool:
 @pytest.mark.parametrize(("world", "rank"), [(2, 1), (4, 2)])
 def test_the_gemv_stores_its_rows_in_every_rank_and_the_norm_empties_what_it_read(world, rank):
     """One rank's side of a call: its GEMV's rows reach every rank's place (its own included), the peers' rows
-    are written by hand as their GEMVs would, and the norm sums all of them in rank order."""
+    are written by hand as their GEMVs would, and the norm sums all of them."""
     n, k_in, rows, dtype = 64, 32, 2, torch.bfloat16
     memories = [peer_norm.empty_places(torch.empty(k.WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), dtype)
                 for _ in range(world)]  # fmt: skip

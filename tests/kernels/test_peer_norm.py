@@ -14,8 +14,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _reference(partials, residual, weight, weight_offset=0.0):
-    """What the kernel computes: the partials summed in rank order in fp32 and rounded as an all-reduce's
-    output, the residual added in fp32; y from that fp32 sum."""
+    """What the kernel computes: the partials summed in fp32 (in an order of its own, the same on every rank) and
+    rounded as an all-reduce's output, the residual added in fp32; y from that fp32 sum."""
     summed = sum(p.float() for p in partials).to(residual.dtype).float() + residual.float()
     y = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + EPS) * (weight.float() + weight_offset)
     return y.to(residual.dtype), summed.to(residual.dtype)
@@ -78,7 +78,7 @@ def test_a_rank_pushes_its_rows_waits_for_the_peers_and_empties_what_it_read(wor
         for peer in range(world):
             if peer == rank:
                 mine = _slot(own, 1, row, rank, n, dtype)
-                assert _is_empty(mine).all(), "the rank wrote its own row where nobody reads it"
+                assert _is_empty(mine).all(), "the rank's own place was not emptied"
                 continue
             sent = _slot(memories[peer], 1, row, rank, n, dtype)
             assert torch.equal(sent, parts[rank][row]) and not _is_empty(sent).any(), f"no whole row reached {peer}"

@@ -24,8 +24,8 @@ from kernl.kernels import _peer_norm_kernel as k
 signature = {name: "*bf16" for name in "XRWYS"}
 signature |= {name: "i32" for name in ("stride_x", "stride_r", "stride_y", "stride_s", "rank", "world", "N")}
 signature |= {"bases": "*i64", "counters": "*i32", "eps": "fp32", "weight_offset": "fp32"}
-signature |= {name: "constexpr" for name in ("ON_GPU", "BLOCK_N", "USE_PDL", "PUSHED")}
-constexprs = {"ON_GPU": True, "BLOCK_N": 4096, "USE_PDL": True, "PUSHED": sys.argv[1] == "pushed"}
+signature |= {name: "constexpr" for name in ("ON_GPU", "BLOCK_N", "WORLD_P2", "USE_PDL", "PUSHED")}
+constexprs = {"ON_GPU": True, "BLOCK_N": 4096, "WORLD_P2": 4, "USE_PDL": True, "PUSHED": sys.argv[1] == "pushed"}
 source = ASTSource(fn=k.peer_add_rms_norm_kernel, signature=signature, constexprs=constexprs)
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
 print(compiled.asm["ptx"])
