@@ -1,5 +1,6 @@
 """Tensor-parallel decode at batch 1: tokens/s of a Llama-geometry generation program split over N GPUs, the cost
-of one all-reduce, and the bandwidth floor, as JSON.
+of one all-reduce, and the bandwidth floor (the weight bytes a rank reads a step, an embedding table counting as
+the row it reads, over the measured copy bandwidth), as JSON.
 
 Each rank builds only its own shard: the model is exported on the meta device (no weights anywhere), sharded,
 and each rank makes random weights of its shard's shapes on its GPU (replicated weights from a per-tensor seed, so

@@ -10,7 +10,9 @@ same results up to rounding.
 KERNL_ALL_REDUCE decides as for the plain sum (kernels/peer_all_reduce.py), except that "auto" takes the fused
 kernel from 2 ranks on. On 2 H200s (BENCHMARKS.md, 2026-11-28 seventh session), one call of [1, 4096] in bf16
 chained in a CUDA graph: 3.4 µs, against 7.0 µs for the flag-and-fence protocol it replaced; Llama-8B geometry at
-batch 1: 2.60-2.63 ms/token against 2.90. KERNL_PEER_NORM=0 keeps the sum and the norm apart (an A/B switch).
+batch 1: 2.60-2.63 ms/token against 2.90. Reading every rank's place at once instead of one after the other
+(eighth session, 4 H200s): 1.752 -> 1.719 ms/token at tp=4. KERNL_PEER_NORM=0 keeps the sum and the norm apart
+(an A/B switch). At decode the linear before it usually writes the places itself: kernels/peer_linear_norm.py.
 """
 
 from __future__ import annotations
