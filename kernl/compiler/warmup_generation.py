@@ -38,9 +38,10 @@ def _entries(low: LoweredGeneration, world: int) -> Callable[[str, list[torch.Te
             with torch.no_grad():
                 return fns[name](device, *args[rank], *inputs)[0]
 
+        alone = ThreadRanks(1, stands_for=low.shard.world_size if low.shard is not None else 1)
         if world == 1:  # one rank, or rank 0 alone (compile only): a thread rank stands for the others' sums
-            return ThreadRanks(1).run(call)[0], {}
-        ThreadRanks(1).run(call)  # kernels compile and tune, for every rank (rank 0's cache is rewritten below)
+            return alone.run(call)[0], {}
+        alone.run(call)  # kernels compile and tune, for every rank (rank 0's cache is rewritten below)
         with _no_interpreter():
             outs = ThreadRanks(world).run(call)
         spread = max(float((out - outs[0]).abs().max()) for out in outs)

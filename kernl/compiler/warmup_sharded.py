@@ -50,7 +50,8 @@ def warm_up_sharded(
         if on_bucket is not None:
             on_bucket((batch, seq))
         inputs = make_inputs(batch, seq)
-        ThreadRanks(1).run(functools.partial(run, inputs=inputs))  # kernels compile and tune, for every rank
+        # Kernels compile and tune, for every rank.
+        ThreadRanks(1, stands_for=plan.world_size).run(functools.partial(run, inputs=inputs))
         with _no_interpreter():
             outs = ThreadRanks(plan.world_size).run(functools.partial(run, inputs=inputs))
         with torch.no_grad():
@@ -85,7 +86,8 @@ def warm_up_unchecked(
         inputs = make_inputs(batch, seq)
         with torch.no_grad(), torch.cuda.device(device) if device.type == "cuda" else nullcontext():
             args = [*mine, *(inputs[n] for n in input_names)]
-            ThreadRanks(1).run(lambda rank, args=args: forward(device, *args))
+            alone = ThreadRanks(1, stands_for=plan.world_size if plan is not None else 1)
+            alone.run(lambda rank, args=args: forward(device, *args))
         checks.append({"bucket": [batch, seq], "eager": "skipped: the model is on the meta device"})
     if device.type == "cuda":
         torch.cuda.synchronize(device)

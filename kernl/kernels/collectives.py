@@ -120,8 +120,11 @@ class ThreadRanks:
     others fail at their next all_reduce (no wait forever), and run raises its error.
     """
 
-    def __init__(self, world_size: int, timeout_s: float = 600.0) -> None:
+    def __init__(self, world_size: int, timeout_s: float = 600.0, stands_for: int | None = None) -> None:
         self.world_size = world_size
+        # The ranks the program is split for: a lone rank 0 compiling the kernels stands for all of them, and
+        # kernels specialised on the world size compile for theirs.
+        self.stands_for = stands_for or world_size
         self._barrier = threading.Barrier(world_size, timeout=timeout_s)
         self._parts: list = [None] * world_size
 

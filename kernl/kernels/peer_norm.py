@@ -44,18 +44,23 @@ AUTO_MIN_RANKS = 2  # KERNL_ALL_REDUCE=auto takes the fused kernel from this man
 class Workspace:
     """What the kernel needs on one device: every rank's workspace address and this rank's slot counters."""
 
-    def __init__(self, bases: torch.Tensor, rank: int, keep: object = None) -> None:
+    def __init__(self, bases: torch.Tensor, rank: int, keep: object = None, tile_for: int | None = None) -> None:
         self.bases = bases  # int64 [world], on the device
         self.rank = rank
         self.world = bases.numel()
+        # Rows of the kernel's tile of places (a constexpr): world rounded up to a power of two, or that of the
+        # ranks a one-rank workspace compiles for, so that the bundle ships the binary its ranks launch.
+        self.tile_rows = 1 << ((tile_for or self.world) - 1).bit_length()
         self.counters = torch.zeros(_k.SLOTS, dtype=torch.int32, device=bases.device)
         self._keep = keep  # the memory behind the addresses
 
     @classmethod
-    def local(cls, device: torch.device, dtype: torch.dtype) -> Workspace:
-        """A workspace of one rank in ordinary memory: the kernel's sum is then its own partial."""
+    def local(cls, device: torch.device, dtype: torch.dtype, tile_for: int = 1) -> Workspace:
+        """A workspace of one rank in ordinary memory: the kernel's sum is then its own partial. tile_for: the
+        ranks whose kernel it runs (a compile's lone rank 0 standing for them)."""
         memory = empty_places(torch.empty(_k.WORKSPACE_BYTES, dtype=torch.uint8, device=device), dtype)
-        return cls(torch.tensor([memory.data_ptr()], dtype=torch.int64, device=device), 0, keep=memory)
+        bases = torch.tensor([memory.data_ptr()], dtype=torch.int64, device=device)
+        return cls(bases, 0, keep=memory, tile_for=tile_for)
 
 
 def empty_places(memory: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -68,7 +73,7 @@ def empty_places(memory: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 # (device index, dtype) → this rank's workspace; None: the unfused path. A workspace holds one dtype's rows.
 _workspaces: dict[tuple[int, torch.dtype], Workspace | None] = {}
-_local: dict[tuple[str, torch.dtype], Workspace] = {}  # a one-rank workspace for compiles and tests
+_local: dict[tuple[str, torch.dtype, int], Workspace] = {}  # one-rank workspaces for compiles and tests
 _why: dict[str, str] = {}  # device → "fused", or why its sums and norms stay apart
 
 
@@ -126,7 +131,7 @@ def launch(
         weight_offset,
         ON_GPU=residual.is_cuda,
         BLOCK_N=block_n,
-        WORLD_P2=triton.next_power_of_2(ws.world),
+        WORLD_P2=ws.tile_rows,
         num_warps=row_warps(block_n),
         PUSHED=x is None,
         **pdl_options(r2),
@@ -152,7 +157,7 @@ def workspace_for(x: torch.Tensor) -> Workspace | None:
     if ranks is not None:
         # Ranks as threads sum through collectives; a lone rank 0 (the compile's warm-up) runs the kernel over
         # a one-rank workspace, so the bundle ships it compiled as every rank will launch it.
-        return _local_workspace(x.device, x.dtype) if ranks.world_size == 1 and x.is_cuda else None
+        return _local_workspace(x.device, x.dtype, ranks.stands_for) if ranks.world_size == 1 and x.is_cuda else None
     world = collectives.world_size()
     if world == 1 or not x.is_cuda or not ENABLED or not wanted(world, AUTO_MIN_RANKS):
         return None
@@ -164,10 +169,10 @@ def workspace_for(x: torch.Tensor) -> Workspace | None:
     return _workspaces[key]
 
 
-def _local_workspace(device: torch.device, dtype: torch.dtype) -> Workspace:
-    key = (str(device), dtype)
+def _local_workspace(device: torch.device, dtype: torch.dtype, tile_for: int) -> Workspace:
+    key = (str(device), dtype, tile_for)
     if key not in _local:
-        _local[key] = Workspace.local(device, dtype)
+        _local[key] = Workspace.local(device, dtype, tile_for)
     return _local[key]
 
 

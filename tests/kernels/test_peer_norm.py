@@ -41,6 +41,20 @@ def test_one_rank_is_its_own_partial_plus_residual_normed_across_both_halves(dty
         assert int(ws.counters[rows:].abs().sum()) == 0
 
 
+def test_a_one_rank_workspace_compiling_for_more_ranks_reads_their_tile_and_sums_its_own_row():
+    """A compile's lone rank 0 runs the kernel its ranks will launch (a tile of 4 places for 3 or 4 ranks), over
+    its own place only."""
+    ws = peer_norm._local_workspace(torch.device(DEVICE), torch.bfloat16, 3)
+    assert (ws.world, ws.tile_rows) == (1, 4)
+    assert peer_norm.Workspace.local(torch.device(DEVICE), torch.bfloat16).tile_rows == 1
+    x, residual = ((torch.randint(-16, 17, (1, 64), device=DEVICE) / 4).bfloat16() for _ in range(2))  # exact sums
+    weight = torch.randn(64, device=DEVICE).bfloat16()
+    y, total = peer_norm.launch(ws, x, residual, weight, EPS)
+    want_y, want_total = _reference([x], residual, weight)
+    assert torch.equal(total, want_total)
+    torch.testing.assert_close(y, want_y, rtol=2e-2, atol=1e-5)
+
+
 def _is_empty(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) == k.EMPTY_BITS[2]  # -0.0 in bf16
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import kernl
 from kernl.compiler import shard_vocab
+from kernl.kernels.collectives import ThreadRanks
 from tests.runtime.test_generation import hf_greedy, tiny_lm
 from tests.runtime.tp_launch import launch_ranks
 
@@ -28,6 +29,7 @@ SETTINGS = {"max_length": 32, "batch_sizes": [2], "seq_lens": [8]}
 # gpt2: fused c_attn, biases, and its tied embedding / LM head split by vocabulary (any size qualifies).
 MODELS = {"llama": ({}, None), "gpt2": ({"n_head": 4, "vocab_size": 98}, 0)}
 SAMPLE = dict(do_sample=True, temperature=1.5, top_k=0, top_p=1.0)
+THREAD_RANKS_SEEN: list[tuple[int, int]] = []  # (threads, ranks they stand for) of every ThreadRanks the compiles made
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,13 @@ def tp_gen(tmp_path_factory):
         with pytest.MonkeyPatch.context() as patch:
             if vocab_bytes is not None:
                 patch.setattr(shard_vocab, "VOCAB_PARALLEL_MIN_BYTES", vocab_bytes)
+            real_init = ThreadRanks.__init__
+
+            def recording_init(self, *args, real_init=real_init, **kwargs):
+                real_init(self, *args, **kwargs)
+                THREAD_RANKS_SEEN.append((self.world_size, self.stands_for))
+
+            patch.setattr(ThreadRanks, "__init__", recording_init)
             tp = kernl.compile(model, root / name, buckets=[], generation=SETTINGS, device="cpu", tensor_parallel=2)
         meta = None
         if name == "llama":  # (the forward path from meta, with GPT-2's tied weights: test_tensor_parallel_vocab)
@@ -51,6 +60,13 @@ def tp_gen(tmp_path_factory):
                                  tensor_parallel=2, weights_from=root / f"{name}_ckpt")  # fmt: skip
         built[name] = (model, tp, meta)
     return built
+
+
+def test_rank_0_compiling_alone_stands_for_both_ranks(tp_gen):
+    """The compile's lone rank 0 compiles kernels specialised on the world size (the fused sum + norm's tile of
+    places) for the program's 2 ranks, so that the bundle ships what its ranks launch."""
+    assert tp_gen
+    assert (1, 2) in THREAD_RANKS_SEEN and (2, 2) in THREAD_RANKS_SEEN and (1, 1) not in THREAD_RANKS_SEEN
 
 
 @pytest.mark.parametrize("name", MODELS)
