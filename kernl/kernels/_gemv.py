@@ -103,6 +103,42 @@ if HAS_TRITON:
         return tl.sum(acc_a, axis=2), tl.sum(acc_b, axis=2)
 
     @triton.jit
+    def gemv_tile(
+        X,
+        W,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_xk,
+        stride_wn,
+        stride_wk,
+        EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        USE_PDL: tl.constexpr,
+        PREFETCH_K: tl.constexpr,
+        W_K_CONTIGUOUS: tl.constexpr,
+    ):
+        """This program's fp32 [BLOCK_M, BLOCK_N] tile of x @ W^T, its weight rows prefetched before the PDL wait;
+        with the tile's row and column offsets, and those wrapped into range (int64)."""
+        n0 = tl.program_id(0) * BLOCK_N
+        if PREFETCH_K > 0:
+            prefetch_weight_l2(W, n0, N, K, stride_wn, stride_wk, PREFETCH_K, BLOCK_N, W_K_CONTIGUOUS)
+        wait_for_inputs(USE_PDL)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        # Wrapped rows and columns keep the loads unmasked; the store drops them.
+        rows = (offs_m % M).to(tl.int64)
+        cols = (offs_n % N).to(tl.int64)
+        y, _ = _rows_times_x(
+            X, W, W, rows, cols, K, stride_xm, stride_xk, stride_wn, stride_wk, 0, 0, False, EVEN_K, BLOCK_M, BLOCK_N,
+            BLOCK_K,
+        )  # fmt: skip
+        return y, offs_m, offs_n, rows, cols
+
+    @triton.jit
     def gemv_kernel(
         X,  # input [M, K], any strides
         W,  # weight, read as [N, K] through (stride_wn, stride_wk)
@@ -131,34 +167,10 @@ if HAS_TRITON:
         PREFETCH_K: tl.constexpr,
         W_K_CONTIGUOUS: tl.constexpr,
     ):
-        n0 = tl.program_id(0) * BLOCK_N
-        if PREFETCH_K > 0:
-            prefetch_weight_l2(W, n0, N, K, stride_wn, stride_wk, PREFETCH_K, BLOCK_N, W_K_CONTIGUOUS)
-        wait_for_inputs(USE_PDL)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        # Wrapped rows and columns keep the loads unmasked; the store drops them.
-        rows = (offs_m % M).to(tl.int64)
-        cols = (offs_n % N).to(tl.int64)
-        y, _ = _rows_times_x(
-            X,
-            W,
-            W,
-            rows,
-            cols,
-            K,
-            stride_xm,
-            stride_xk,
-            stride_wn,
-            stride_wk,
-            0,
-            0,
-            False,
-            EVEN_K,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-        )
+        y, offs_m, offs_n, rows, cols = gemv_tile(
+            X, W, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_PDL,
+            PREFETCH_K, W_K_CONTIGUOUS,
+        )  # fmt: skip
         # linear_kernel's epilogue, in its order: bias, activation, residual.
         if HAS_BIAS:
             y += tl.load(B + cols)[None, :].to(tl.float32)

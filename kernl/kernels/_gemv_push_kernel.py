@@ -1,9 +1,9 @@
 """A row-parallel GEMV whose programs store their slice of the partial rows straight into every rank's places of
 the fused sum + norm (_peer_norm_kernel, PUSHED), this rank's own place included, in place of an output tensor.
 
-Each program computes BLOCK_N outputs of every row as gemv_kernel does, rounds them to the output dtype (-0.0,
-the empty mark, sent as +0.0) and posts them to each rank's place of slot `row`, in the half the slot's use
-counter picks. The counter is read after the PDL wait: the slot's last call has ended by then.
+Each program computes BLOCK_N outputs of every row as gemv_kernel does (gemv_tile), rounds them to the output
+dtype (-0.0, the empty mark, sent as +0.0) and posts them to each rank's place of slot `row`, in the half the
+slot's use counter picks. The counter is read after the PDL wait: the slot's last call has ended by then.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernl.kernels._gemv import _rows_times_x
-from kernl.kernels._pdl import prefetch_weight_l2, wait_for_inputs
+from kernl.kernels._gemv import gemv_tile
 from kernl.kernels._peer_norm_kernel import _MAX_WORLD, _ROW_CAP_BYTES, _SLOTS, _empty_mask
 
 
@@ -38,17 +37,9 @@ def gemv_push_kernel(
     USE_PDL: tl.constexpr,
     PREFETCH_K: tl.constexpr,
 ):
-    n0 = tl.program_id(0) * BLOCK_N
-    if PREFETCH_K > 0:
-        prefetch_weight_l2(W, n0, N, K, stride_wn, stride_wk, PREFETCH_K, BLOCK_N, True)
-    wait_for_inputs(USE_PDL)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    rows = (offs_m % M).to(tl.int64)
-    cols = (offs_n % N).to(tl.int64)
-    acc, _ = _rows_times_x(
-        X, W, W, rows, cols, K, stride_xm, stride_xk, stride_wn, stride_wk, 0, 0, False, EVEN_K, BLOCK_M, BLOCK_N,
-        BLOCK_K,
+    acc, offs_m, offs_n, _, _ = gemv_tile(
+        X, W, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_PDL,
+        PREFETCH_K, True,
     )  # fmt: skip
     dtype = X.dtype.element_ty
     BITS: tl.constexpr = dtype.primitive_bitwidth

@@ -87,16 +87,7 @@ def _launch_push(x2: torch.Tensor, weight: torch.Tensor, ws: peer_norm.Workspace
     )
 
 
-def linear_all_reduce_add_rms_norm_call(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    weight_transposed: bool,
-    residual: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    weight_offset: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return linear_all_reduce_add_rms_norm(x, weight, weight_transposed, residual, norm_weight, eps, weight_offset)
+linear_all_reduce_add_rms_norm_call = linear_all_reduce_add_rms_norm  # the name kernl.kernels.direct imports
 
 
 linear_all_reduce_add_rms_norm_op = custom_op(
