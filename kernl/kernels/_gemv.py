@@ -105,14 +105,18 @@ if HAS_TRITON:
     @triton.jit
     def gemv_tile(
         X,
-        W,
+        WA,
+        WB,  # a second weight read in the same loop (unused unless TWO)
         M,
         N,
         K,
         stride_xm,
         stride_xk,
-        stride_wn,
-        stride_wk,
+        stride_an,
+        stride_ak,
+        stride_bn,
+        stride_bk,
+        TWO: tl.constexpr,
         EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -121,22 +125,24 @@ if HAS_TRITON:
         PREFETCH_K: tl.constexpr,
         W_K_CONTIGUOUS: tl.constexpr,
     ):
-        """This program's fp32 [BLOCK_M, BLOCK_N] tile of x @ W^T, its weight rows prefetched before the PDL wait;
-        with the tile's row and column offsets, and those wrapped into range (int64)."""
+        """This program's fp32 [BLOCK_M, BLOCK_N] tiles of x @ WA^T (and WB's), their weight rows prefetched before
+        the PDL wait; with the tiles' row and column offsets, and those wrapped into range (int64)."""
         n0 = tl.program_id(0) * BLOCK_N
         if PREFETCH_K > 0:
-            prefetch_weight_l2(W, n0, N, K, stride_wn, stride_wk, PREFETCH_K, BLOCK_N, W_K_CONTIGUOUS)
+            prefetch_weight_l2(WA, n0, N, K, stride_an, stride_ak, PREFETCH_K, BLOCK_N, W_K_CONTIGUOUS)
+            if TWO:
+                prefetch_weight_l2(WB, n0, N, K, stride_bn, stride_bk, PREFETCH_K, BLOCK_N, W_K_CONTIGUOUS)
         wait_for_inputs(USE_PDL)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         # Wrapped rows and columns keep the loads unmasked; the store drops them.
         rows = (offs_m % M).to(tl.int64)
         cols = (offs_n % N).to(tl.int64)
-        y, _ = _rows_times_x(
-            X, W, W, rows, cols, K, stride_xm, stride_xk, stride_wn, stride_wk, 0, 0, False, EVEN_K, BLOCK_M, BLOCK_N,
-            BLOCK_K,
+        a, b = _rows_times_x(
+            X, WA, WB, rows, cols, K, stride_xm, stride_xk, stride_an, stride_ak, stride_bn, stride_bk, TWO, EVEN_K,
+            BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
-        return y, offs_m, offs_n, rows, cols
+        return a, b, offs_m, offs_n, rows, cols
 
     @triton.jit
     def gemv_kernel(
@@ -167,9 +173,9 @@ if HAS_TRITON:
         PREFETCH_K: tl.constexpr,
         W_K_CONTIGUOUS: tl.constexpr,
     ):
-        y, offs_m, offs_n, rows, cols = gemv_tile(
-            X, W, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_PDL,
-            PREFETCH_K, W_K_CONTIGUOUS,
+        y, _, offs_m, offs_n, rows, cols = gemv_tile(
+            X, W, W, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, 0, 0, False, EVEN_K, BLOCK_M, BLOCK_N,
+            BLOCK_K, USE_PDL, PREFETCH_K, W_K_CONTIGUOUS,
         )  # fmt: skip
         # linear_kernel's epilogue, in its order: bias, activation, residual.
         if HAS_BIAS:
@@ -205,37 +211,26 @@ if HAS_TRITON:
         USE_PDL: tl.constexpr,
         PREFETCH_K: tl.constexpr,  # > 0 only where both weights are K-contiguous
     ):
-        n0 = tl.program_id(0) * BLOCK_N
-        if PREFETCH_K > 0:
-            prefetch_weight_l2(WG, n0, N, K, stride_gn, stride_gk, PREFETCH_K, BLOCK_N, True)
-            prefetch_weight_l2(WU, n0, N, K, stride_un, stride_uk, PREFETCH_K, BLOCK_N, True)
-        wait_for_inputs(USE_PDL)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        rows = (offs_m % M).to(tl.int64)
-        cols = (offs_n % N).to(tl.int64)
-        g, u = _rows_times_x(
-            X,
-            WG,
-            WU,
-            rows,
-            cols,
-            K,
-            stride_xm,
-            stride_xk,
-            stride_gn,
-            stride_gk,
-            stride_un,
-            stride_uk,
-            True,
-            EVEN_K,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-        )
+        g, u, offs_m, offs_n, _, _ = gemv_tile(
+            X, WG, WU, M, N, K, stride_xm, stride_xk, stride_gn, stride_gk, stride_un, stride_uk, True, EVEN_K,
+            BLOCK_M, BLOCK_N, BLOCK_K, USE_PDL, PREFETCH_K, True,
+        )  # fmt: skip
         y = apply_activation(g, ACTIVATION) * u
         out = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
         tl.store(out, y.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+    def gemv_launch_options(config: dict[str, int], k: int, pdl: dict[str, bool], prefetch_k: int) -> dict:
+        """The launch keywords every GEMV kernel takes from its tuned config, PDL and its prefetch span."""
+        return {
+            "EVEN_K": k % config["BLOCK_K"] == 0,
+            "BLOCK_M": config["BLOCK_M"],
+            "BLOCK_N": config["BLOCK_N"],
+            "BLOCK_K": config["BLOCK_K"],
+            "num_warps": config["num_warps"],
+            "num_stages": 1,
+            **pdl,
+            "PREFETCH_K": prefetch_k,
+        }
 
     def launch_gemv(
         x2: torch.Tensor,
@@ -272,15 +267,8 @@ if HAS_TRITON:
             ACTIVATION=activation,
             HAS_BIAS=bias is not None,
             HAS_RESIDUAL=r2 is not None,
-            EVEN_K=k % config["BLOCK_K"] == 0,
-            BLOCK_M=config["BLOCK_M"],
-            BLOCK_N=config["BLOCK_N"],
-            BLOCK_K=config["BLOCK_K"],
-            num_warps=config["num_warps"],
-            num_stages=1,
-            **pdl,
-            PREFETCH_K=prefetch_span(pdl, m, k),
             W_K_CONTIGUOUS=stride_wk == 1,
+            **gemv_launch_options(config, k, pdl, prefetch_span(pdl, m, k)),
         )
 
     def launch_gated_gemv(
@@ -313,12 +301,5 @@ if HAS_TRITON:
             y2.stride(0),
             y2.stride(1),
             ACTIVATION=activation,
-            EVEN_K=k % config["BLOCK_K"] == 0,
-            BLOCK_M=config["BLOCK_M"],
-            BLOCK_N=config["BLOCK_N"],
-            BLOCK_K=config["BLOCK_K"],
-            num_warps=config["num_warps"],
-            num_stages=1,
-            **pdl,
-            PREFETCH_K=prefetch_span(pdl, m, k) if k_rows else 0,
+            **gemv_launch_options(config, k, pdl, prefetch_span(pdl, m, k) if k_rows else 0),
         )

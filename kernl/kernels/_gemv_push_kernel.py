@@ -37,9 +37,9 @@ def gemv_push_kernel(
     USE_PDL: tl.constexpr,
     PREFETCH_K: tl.constexpr,
 ):
-    acc, offs_m, offs_n, _, _ = gemv_tile(
-        X, W, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_PDL,
-        PREFETCH_K, True,
+    acc, _, offs_m, offs_n, _, _ = gemv_tile(
+        X, W, W, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, 0, 0, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+        USE_PDL, PREFETCH_K, True,
     )  # fmt: skip
     dtype = X.dtype.element_ty
     BITS: tl.constexpr = dtype.primitive_bitwidth

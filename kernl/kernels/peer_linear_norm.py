@@ -21,7 +21,7 @@ from kernl.kernels._custom_ops import custom_op
 from kernl.kernels.linear import linear
 
 if HAS_TRITON:
-    from kernl.kernels._gemv import GEMV
+    from kernl.kernels._gemv import GEMV, gemv_launch_options
     from kernl.kernels._gemv_push_kernel import gemv_push_kernel
     from kernl.kernels._pdl import pdl_options, prefetch_span
     from kernl.kernels.linear import linear_plan
@@ -76,14 +76,7 @@ def _launch_push(x2: torch.Tensor, weight: torch.Tensor, ws: peer_norm.Workspace
         ws.counters,
         ws.rank,
         ws.world,
-        EVEN_K=k % config["BLOCK_K"] == 0,
-        BLOCK_M=config["BLOCK_M"],
-        BLOCK_N=config["BLOCK_N"],
-        BLOCK_K=config["BLOCK_K"],
-        num_warps=config["num_warps"],
-        num_stages=1,
-        **pdl,
-        PREFETCH_K=prefetch_span(pdl, m, k),
+        **gemv_launch_options(config, k, pdl, prefetch_span(pdl, m, k)),
     )
 
 
